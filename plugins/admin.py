@@ -1,0 +1,113 @@
+"""Admin: broadcasts, the session list, disconnects, metrics.
+
+Every route and event here needs the admin role (403 / ``forbidden``).
+
+Routes: ``POST /api/broadcast``, ``GET /api/admin/sessions``,
+``DELETE /api/admin/sessions/{id}``, ``GET /api/admin/metrics``.
+Events: ``admin.broadcast``, ``admin.sessions``, ``admin.disconnect``,
+``admin.metrics``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from rtserver.config import Config
+from rtserver.hub import Hub
+from rtserver.plugins import EventContext, EventHandler, Route, hookimpl
+from rtserver.protocol import NOT_FOUND, ProtocolError
+from rtserver.web import APIHandler
+
+
+class Broadcast(msgspec.Struct, forbid_unknown_fields=True):
+    notification: dict[str, Any]
+
+
+class Disconnect(msgspec.Struct, forbid_unknown_fields=True):
+    session_id: str
+
+
+class ListSessions(msgspec.Struct, forbid_unknown_fields=True):
+    user_id: str | None = None
+
+
+def session_list(hub: Hub, user_id: str | None = None) -> list[dict[str, Any]]:
+    conns = hub.sessions.of_user(user_id) if user_id else list(hub.sessions)
+    return [c.info() for c in conns]
+
+
+def disconnect(hub: Hub, session_id: str) -> None:
+    if not hub.disconnect_session(session_id):
+        raise ProtocolError(NOT_FOUND, "no such session", status=404)
+
+
+async def broadcast_event(ctx: EventContext, data: Broadcast) -> dict[str, Any]:
+    return {"delivered": await ctx.hub.send_broadcast_notification(data.notification)}
+
+
+def sessions_event(ctx: EventContext, data: ListSessions) -> dict[str, Any]:
+    return {"sessions": session_list(ctx.hub, data.user_id)}
+
+
+def disconnect_event(ctx: EventContext, data: Disconnect) -> dict[str, Any]:
+    disconnect(ctx.hub, data.session_id)
+    return {"disconnected": data.session_id}
+
+
+def metrics_event(ctx: EventContext, data: dict[str, Any]) -> dict[str, Any]:
+    return {"metrics": ctx.hub.get_connection_metrics()}
+
+
+class BroadcastHandler(APIHandler):
+    """``POST /api/broadcast``: a notification to every registered session."""
+
+    async def post(self) -> None:
+        self.claims("admin")
+        self.send({"delivered": await self.hub.send_broadcast_notification(self.body())})
+
+
+class SessionsHandler(APIHandler):
+    """``GET /api/admin/sessions[?user_id=U]``."""
+
+    def get(self) -> None:
+        self.claims("admin")
+        self.send({"sessions": session_list(self.hub, self.get_query_argument("user_id", None))})
+
+
+class SessionHandler(APIHandler):
+    """``DELETE /api/admin/sessions/{session_id}``: close it (1008)."""
+
+    def delete(self, session_id: str) -> None:
+        self.claims("admin")
+        disconnect(self.hub, session_id)
+        self.send({"disconnected": session_id})
+
+
+class MetricsJSONHandler(APIHandler):
+    """``GET /api/admin/metrics``: ``get_connection_metrics()`` as JSON."""
+
+    def get(self) -> None:
+        self.claims("admin")
+        self.send({"metrics": self.hub.get_connection_metrics()})
+
+
+@hookimpl
+def rtserver_events(config: Config) -> list[EventHandler]:
+    return [
+        EventHandler("admin.broadcast", broadcast_event, Broadcast, role="admin"),
+        EventHandler("admin.sessions", sessions_event, ListSessions, role="admin"),
+        EventHandler("admin.disconnect", disconnect_event, Disconnect, role="admin"),
+        EventHandler("admin.metrics", metrics_event, role="admin"),
+    ]
+
+
+@hookimpl
+def rtserver_routes(config: Config) -> list[Route]:
+    return [
+        Route(r"/api/broadcast", BroadcastHandler),
+        Route(r"/api/admin/sessions", SessionsHandler),
+        Route(r"/api/admin/sessions/([^/]+)", SessionHandler),
+        Route(r"/api/admin/metrics", MetricsJSONHandler),
+    ]

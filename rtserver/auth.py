@@ -1,0 +1,118 @@
+"""Token verification and minting (JWT, explicit algorithm allowlist).
+
+A token's ``sub`` is the user id and ``role`` is one of user, publisher, admin
+(default user). ``exp`` is required; ``nbf`` is honoured; ``iss`` and ``aud``
+are checked when configured. ``alg: none`` is never accepted, and the key is
+chosen by the configured algorithm family, so a token signed with HS256 using
+the RSA public key as secret (algorithm confusion) fails.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, get_args
+
+import jwt
+
+from rtserver.config import AuthConfig, Role
+from rtserver.protocol import FORBIDDEN, UNAUTHORIZED, ProtocolError
+
+ROLES: tuple[str, ...] = get_args(Role)
+_RANK = {"user": 0, "publisher": 1, "admin": 2}
+
+
+class Claims:
+    """A verified token: who (``sub``), with what role, until when."""
+
+    __slots__ = ("sub", "role", "exp", "raw")
+
+    def __init__(self, sub: str, role: Role, exp: float, raw: dict[str, Any]) -> None:
+        self.sub = sub
+        self.role = role
+        self.exp = exp
+        self.raw = raw
+
+    def require(self, role: Role) -> None:
+        """Raise ``forbidden`` unless this token's role is at least ``role``."""
+        require_role(self.role, role)
+
+
+def require_role(have: Role | None, need: Role) -> None:
+    """Raise ``forbidden`` unless ``have`` is at least ``need`` (user < publisher < admin)."""
+    if have is None or _RANK[have] < _RANK[need]:
+        raise ProtocolError(FORBIDDEN, f"requires the {need} role", status=403)
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self._public_key: str | None = None
+        if config.public_key_file:
+            self._public_key = Path(config.public_key_file).read_text(encoding="utf-8")
+
+    def _key_for(self, alg: str) -> str:
+        if alg == "HS256" and self.config.secret:
+            return self.config.secret
+        if alg in ("RS256", "ES256") and self._public_key:
+            return self._public_key
+        raise ProtocolError(UNAUTHORIZED, "token algorithm is not accepted", status=401)
+
+    def verify(self, token: str) -> Claims:
+        """The token's claims, or ``ProtocolError(unauthorized)`` saying why."""
+        if not isinstance(token, str) or not token:
+            raise ProtocolError(UNAUTHORIZED, "token is missing", status=401)
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise ProtocolError(UNAUTHORIZED, "token is malformed", status=401) from None
+        alg = header.get("alg")
+        if alg not in self.config.algorithms:
+            raise ProtocolError(UNAUTHORIZED, "token algorithm is not accepted", status=401)
+        try:
+            raw: dict[str, Any] = jwt.decode(
+                token,
+                self._key_for(alg),
+                algorithms=[alg],
+                issuer=self.config.issuer,
+                audience=self.config.audience,
+                leeway=self.config.leeway,
+                options={"require": ["exp", "sub"], "verify_aud": self.config.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise ProtocolError(UNAUTHORIZED, "token has expired", status=401) from None
+        except jwt.ImmatureSignatureError:
+            raise ProtocolError(UNAUTHORIZED, "token is not valid yet", status=401) from None
+        except jwt.InvalidAudienceError:
+            raise ProtocolError(UNAUTHORIZED, "token audience is wrong", status=401) from None
+        except jwt.InvalidIssuerError:
+            raise ProtocolError(UNAUTHORIZED, "token issuer is wrong", status=401) from None
+        except jwt.MissingRequiredClaimError as err:
+            raise ProtocolError(
+                UNAUTHORIZED, f"token lacks the {err.claim} claim", status=401
+            ) from None
+        except jwt.PyJWTError:
+            raise ProtocolError(UNAUTHORIZED, "token signature is invalid", status=401) from None
+        sub, role = raw.get("sub"), raw.get("role", "user")
+        if not isinstance(sub, str) or not sub or len(sub) > 256:
+            raise ProtocolError(UNAUTHORIZED, "token subject is invalid", status=401)
+        if role not in ROLES:
+            raise ProtocolError(UNAUTHORIZED, "token role is invalid", status=401)
+        return Claims(sub, role, float(raw["exp"]), raw)
+
+    def mint(self, user_id: str, role: Role = "user", ttl: float | None = None) -> str:
+        """An HS256 token for ``user_id`` (development, tests, the demo)."""
+        if not self.config.secret:
+            raise ValueError("auth.secret is not configured; cannot mint tokens")
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "sub": user_id,
+            "role": role,
+            "iat": now,
+            "exp": now + int(ttl if ttl is not None else self.config.token_ttl),
+        }
+        if self.config.issuer:
+            claims["iss"] = self.config.issuer
+        if self.config.audience:
+            claims["aud"] = self.config.audience
+        return jwt.encode(claims, self.config.secret, algorithm="HS256")

@@ -1,0 +1,239 @@
+"""YAML configuration -> frozen, typed config.
+
+Every section is a frozen msgspec Struct that forbids unknown keys, so a typo
+stops start-up with one message naming the key (``ConfigError``). String values
+may use ``${VAR}`` or ``${VAR:-default}`` to read the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+DEV_SECRET = "dev-only-insecure-secret-change-me-0123456789"
+
+Role = Literal["user", "publisher", "admin"]
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message that names the offending key."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8888
+    #: "development" or "production"; production refuses the development secret.
+    environment: Literal["development", "production"] = "development"
+    #: Enables ``POST /api/test/notification/{user_id}`` (no token needed).
+    test_routes: bool = False
+    #: Browser origins allowed on /ws and in CORS, e.g. "https://app.example.com"
+    #: or "https://*.example.com". Same-origin pages and non-browser clients
+    #: always connect.
+    allowed_origins: tuple[str, ...] = ()
+    #: Trust X-Real-Ip / X-Forwarded-For from a reverse proxy.
+    xheaders: bool = False
+    #: Largest inbound WebSocket frame; bigger ones close the connection with 1009.
+    max_frame_bytes: int = msgspec.field(default=65536)
+    #: Largest HTTP request body.
+    max_body_bytes: int = 1024 * 1024
+    #: WebSocket ping interval and pong timeout, in seconds (0 disables pings).
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
+    #: Per-connection bound on bytes waiting to be written; a client that falls
+    #: further behind is disconnected (close 1013, "slow client").
+    max_outbound_bytes: int = 4 * 1024 * 1024
+    #: Serve wss:// and https:// with this PEM certificate chain and key.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: Seconds to wait for clients and the store during graceful shutdown.
+    shutdown_timeout: float = 10.0
+
+
+class AuthConfig(_Section):
+    #: HMAC secret for HS256 tokens (and for ``run.py token``).
+    secret: str | None = None
+    #: Accepted algorithms: an explicit allowlist ("none" is never accepted).
+    algorithms: tuple[Literal["HS256", "RS256", "ES256"], ...] = ("HS256",)
+    #: PEM public key file for RS256/ES256 tokens.
+    public_key_file: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    #: Default lifetime of tokens minted by ``run.py token`` and the demo.
+    token_ttl: int = 3600
+    leeway: float = 5.0
+
+
+class StoreConfig(_Section):
+    backend: Literal["sqlite", "mongodb"] = "sqlite"
+    #: SQLite: the database file is ``<data_dir>/<filename>``.
+    data_dir: str = "data"
+    filename: str = "rtserver.db"
+    #: MongoDB connection (issue: production store).
+    uri: str | None = None
+    database: str = "rtserver"
+    collection: str = "notifications"
+    #: Notifications older than this are removed (days).
+    retention_days: float = 30.0
+    #: Read notifications older than this (since being read) are removed; None
+    #: keeps them for ``retention_days``.
+    read_retention_days: float | None = 7.0
+    #: How often the embedded store purges expired notifications (seconds).
+    cleanup_interval: float = 600.0
+
+
+class LoggingConfig(_Section):
+    #: "json" (one object per line), "console" (coloured, for people), or
+    #: "auto": console on a TTY, JSON otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    #: Per-logger levels, e.g. {"tornado.access": "warning"}.
+    levels: dict[str, Literal["debug", "info", "warning", "error", "critical"]] = {}
+    #: Seconds between ``metrics.snapshot`` log events (0 disables them).
+    metrics_interval: float = 60.0
+
+
+class LimitsConfig(_Section):
+    #: Inbound frames per connection per second, with this much burst.
+    frames_per_second: float = 50.0
+    frame_burst: int = 100
+    #: Largest notification payload accepted (encoded JSON bytes).
+    max_notification_bytes: int = 16 * 1024
+    #: Deepest nesting accepted in frame data and notification payloads.
+    max_depth: int = 8
+    #: Most keys in any one object of a payload.
+    max_fields: int = 64
+    #: Most ids in one mark_read.
+    max_ids_per_mark_read: int = 500
+    #: Most notifications offline delivery pushes at one register; older
+    #: ones stay in the history (get_notifications).
+    max_replay: int = 5000
+
+
+class PluginsConfig(_Section):
+    #: Names of entry points in the ``rtserver.plugins`` group to load.
+    enabled: tuple[str, ...] = ("registration", "notifications", "admin")
+    #: Free-form settings per plugin, handed to the plugin by name.
+    settings: dict[str, dict[str, Any]] = {}
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    store: StoreConfig = StoreConfig()
+    logging: LoggingConfig = LoggingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    plugins: PluginsConfig = PluginsConfig()
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with whole sections replaced (tests and CLI overrides)."""
+        return msgspec.structs.replace(self, **sections)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, path: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            found = os.environ.get(name)
+            if found is not None and found != "":
+                return found
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        expanded = _ENV.sub(sub, value)
+        # A value that was only a reference to an empty default means "unset".
+        return None if expanded == "" and _ENV.fullmatch(value) else expanded
+    return value
+
+
+def _friendly(err: msgspec.ValidationError) -> str:
+    # msgspec says e.g. "Object contains unknown field `portt` - at `$.server`".
+    msg = str(err)
+    m = re.match(r"(.*) - at `\$\.?(.*)`$", msg)
+    if not m:
+        return msg
+    text, where = m.groups()
+    unknown = re.match(r"Object contains unknown field `(.+)`", text)
+    if unknown:
+        key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        return f"{key}: unknown key"
+    return f"{where}: {text[0].lower()}{text[1:]}"
+
+
+def parse_config(raw: Any, *, source: str = "<config>") -> Config:
+    """Validate a mapping (already read from YAML) into a ``Config``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        config = msgspec.convert(_expand(raw, ""), Config, strict=True)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{source}: {_friendly(err)}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    check_config(config, source=source)
+    return config
+
+
+def check_config(config: Config, *, source: str = "<config>") -> None:
+    """Cross-field rules that a schema cannot say."""
+    auth = config.auth
+    if "HS256" in auth.algorithms and not auth.secret:
+        raise ConfigError(f"{source}: auth.secret: required when HS256 is allowed")
+    if {"RS256", "ES256"} & set(auth.algorithms) and not auth.public_key_file:
+        raise ConfigError(f"{source}: auth.public_key_file: required for RS256/ES256")
+    if config.server.environment == "production":
+        if auth.secret == DEV_SECRET:
+            raise ConfigError(
+                f"{source}: auth.secret: the development secret is refused in production"
+            )
+        if auth.secret is not None and len(auth.secret) < 32:
+            raise ConfigError(f"{source}: auth.secret: must be at least 32 characters")
+    if config.store.backend == "mongodb" and not config.store.uri:
+        raise ConfigError(f"{source}: store.uri: required for the mongodb backend")
+    for name, value in (
+        ("server.port", config.server.port),
+        ("server.max_frame_bytes", config.server.max_frame_bytes),
+        ("limits.max_notification_bytes", config.limits.max_notification_bytes),
+    ):
+        if value < 0 or (value == 0 and name != "server.port"):
+            raise ConfigError(f"{source}: {name}: must be positive")
+    unknown = set(config.plugins.settings) - set(config.plugins.enabled)
+    if unknown:
+        raise ConfigError(
+            f"{source}: plugins.settings.{sorted(unknown)[0]}: plugin is not enabled"
+        )
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a YAML file (or the built-in defaults when ``path`` is None)."""
+    if path is None:
+        return parse_config({"auth": {"secret": DEV_SECRET}}, source="<defaults>")
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read config: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: invalid YAML: {err}") from None
+    return parse_config(raw, source=str(p))

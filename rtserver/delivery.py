@@ -1,0 +1,97 @@
+"""The one path every outbound frame takes.
+
+Replies, pushes to a user, to a session and broadcasts all come through
+``Delivery``: a frame is encoded and WebSocket-framed once, then the same bytes
+are written to every target connection. A broker for a cluster sits behind
+these methods; callers never write to a socket themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rtserver.metrics import Metrics
+from rtserver.protocol import FrameId, encode, ws_text_frame
+from rtserver.sessions import Connection, SessionRegistry
+
+
+def frame(event: str, data: Any, frame_id: FrameId | None = None) -> bytes:
+    """Encode and frame once; the bytes can go to any number of connections."""
+    return ws_text_frame(encode(event, data, frame_id))
+
+
+class Delivery:
+    def __init__(self, sessions: SessionRegistry, metrics: Metrics) -> None:
+        self.sessions = sessions
+        self.metrics = metrics
+        self._out = metrics.frames_out
+        self._kinds = {k: metrics.deliveries.labels(k) for k in ("user", "session", "broadcast")}
+
+    def reply(self, conn: Connection, frame_id: FrameId | None, event: str, data: Any) -> bool:
+        """An ``ack`` or ``error`` to the frame ``frame_id`` (never held back)."""
+        ok = conn.write(frame(event, data, frame_id))
+        if ok:
+            self._out.labels(event).inc()
+        return ok
+
+    def to_connection(self, conn: Connection, event: str, data: Any) -> bool:
+        """A push to one connection, registered or not."""
+        ok = conn.push(frame(event, data))
+        if ok:
+            self._out.labels(event).inc()
+        return ok
+
+    def to_user(
+        self,
+        user_id: str,
+        event: str,
+        data: Any,
+        *,
+        notification_id: str | None = None,
+        exclude: Connection | None = None,
+    ) -> int:
+        """Push to every session of ``user_id``; returns how many were reached."""
+        targets = self.sessions.of_user(user_id)
+        if not targets:
+            return 0
+        payload = frame(event, data)
+        n = 0
+        for conn in targets:
+            if conn is not exclude and conn.push(payload, notification_id):
+                n += 1
+        if n:
+            self._out.labels(event).inc(n)
+            self._kinds["user"].inc(n)
+        return n
+
+    def to_session(self, session_id: str, event: str, data: Any) -> bool:
+        """Push to one registered session; False when no such session is here."""
+        conn = self.sessions.get(session_id)
+        if conn is None or not conn.registered or not conn.push(frame(event, data)):
+            return False
+        self._out.labels(event).inc()
+        self._kinds["session"].inc()
+        return True
+
+    def broadcast(self, event: str, data: Any) -> int:
+        """Push to every registered session; returns how many were reached."""
+        payload = frame(event, data)
+        n = 0
+        for conn in self.sessions.registered():
+            if conn.push(payload):
+                n += 1
+        if n:
+            self._out.labels(event).inc(n)
+            self._kinds["broadcast"].inc(n)
+        return n
+
+    def replay(self, conn: Connection, notifications_wire: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Offline delivery: write a backlog page to a replaying connection;
+        returns the ids written."""
+        written = [
+            nid for nid, body in notifications_wire if conn.replay(frame("notification", body), nid)
+        ]
+        if written:
+            self._out.labels("notification").inc(len(written))
+            self._kinds["user"].inc(len(written))
+        return written

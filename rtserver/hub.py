@@ -1,0 +1,399 @@
+"""The Python API, with the seed's names, and the server's shared state.
+
+Plugins, the HTTP API and embedding applications all go through ``Hub``:
+
+    result = await hub.send_notification("user123", {"message": "Case updated"})
+    await hub.send_direct_message(session_id, {"message": "Restarting in 5 min"})
+    await hub.send_broadcast_notification({"message": "Maintenance", "type": "warning"})
+
+From another thread (a Flask view, a worker), use ``hub.threadsafe``: the same
+calls hop onto the IOLoop and return a ``concurrent.futures.Future``.
+
+Guarantee: a notification is stored before ``send_notification`` returns;
+if it could not be stored the caller gets ``StoreError`` (HTTP 503) and it was
+not delivered either, so nothing is half-accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+from tornado.ioloop import PeriodicCallback
+
+from rtserver.auth import Authenticator
+from rtserver.config import Config
+from rtserver.delivery import Delivery
+from rtserver.log import get_logger
+from rtserver.metrics import Metrics
+from rtserver.protocol import (
+    NOT_FOUND,
+    UNAVAILABLE,
+    IdGenerator,
+    Notification,
+    ProtocolError,
+    build_notification,
+    check_shape,
+    encode_json,
+)
+from rtserver.sessions import Connection, SessionRegistry
+from rtserver.stores.base import MAX_PAGE, Store, StoreError
+
+T = TypeVar("T")
+log = get_logger("rtserver")
+
+
+class SendResult(NamedTuple):
+    notification: Notification
+    #: Live sessions the notification was written to (0: stored for later).
+    delivered: int
+
+
+class Hub:
+    """Shared state (sessions, store, delivery, metrics) and the Python API."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = Metrics()
+        self.sessions = SessionRegistry()
+        self.delivery = Delivery(self.sessions, self.metrics)
+        self.auth = Authenticator(config.auth)
+        self.new_id = IdGenerator()
+        self.threadsafe = ThreadSafeAPI(self)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.shutting_down = False
+        self._periodic: list[PeriodicCallback] = []
+        self._delivered: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.metrics.bind_gauges(
+            connections=lambda: len(self.sessions),
+            peak=lambda: self.sessions.peak,
+            users=self.sessions.users,
+            sessions=lambda: sum(1 for _ in self.sessions.registered()),
+            outbound=lambda: sum(c.outbound_buffer() for c in self.sessions),
+        )
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and start the periodic jobs (cleanup, metrics log)."""
+        self.loop = asyncio.get_running_loop()
+        await self.store.open()
+        cleanup = self.config.store.cleanup_interval
+        if cleanup > 0:
+            self._every(cleanup, self.cleanup)
+        interval = self.config.logging.metrics_interval
+        if interval > 0:
+            self._every(interval, self.log_metrics)
+        log.info("store.opened", backend=self.store.name)
+
+    def _every(self, seconds: float, job: Any) -> None:
+        def tick() -> None:
+            self.spawn(job())
+
+        pc = PeriodicCallback(tick, seconds * 1000)
+        pc.start()
+        self._periodic.append(pc)
+
+    async def stop(self) -> None:
+        """Stop periodic jobs, finish background writes, close the store."""
+        self.shutting_down = True
+        for pc in self._periodic:
+            pc.stop()
+        self._periodic.clear()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._flush_delivered()
+        await self.store.close()
+        log.info("store.closed", backend=self.store.name)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, keeping a reference until it ends
+        and logging (never losing) its exception."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("task.failed", exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    # -- timing helper ----------------------------------------------------
+
+    async def _store_op(self, op: str, coro: Coroutine[Any, Any, T]) -> T:
+        t0 = time.perf_counter()
+        try:
+            return await coro
+        except StoreError:
+            self.metrics.store_errors.labels(op).inc()
+            raise
+        finally:
+            self.metrics.store_seconds.labels(op).observe(time.perf_counter() - t0)
+
+    # -- sending ----------------------------------------------------------
+
+    def make_notification(self, user_id: str | None, payload: Any, *, broadcast: bool = False) -> Notification:
+        """Validate ``payload`` against the limits; raises ``ProtocolError``."""
+        limits = self.config.limits
+        return build_notification(
+            payload,
+            user_id=user_id,
+            notification_id=self.new_id(),
+            created_at=time.time(),
+            max_bytes=limits.max_notification_bytes,
+            max_depth=limits.max_depth,
+            max_fields=limits.max_fields,
+            broadcast=broadcast,
+        )
+
+    async def send_notification(self, user_id: str, payload: dict[str, Any]) -> SendResult:
+        """Store a notification for ``user_id`` and push it to every live session.
+
+        Raises ``ProtocolError`` for an invalid payload and ``StoreError`` when
+        it could not be stored (then it was not delivered either).
+        """
+        if not isinstance(user_id, str) or not user_id:
+            raise ProtocolError("bad_request", "user_id: required non-empty string")
+        notification = self.make_notification(user_id, payload)
+        await self._store_op("insert", self.store.insert(notification))
+        self.metrics.notifications.inc()
+        delivered = self.delivery.to_user(
+            user_id, "notification", notification.to_wire(), notification_id=notification.id
+        )
+        if delivered:
+            self._note_delivered(notification.id)
+        log.debug(
+            "notification.sent",
+            notification_id=notification.id,
+            user_id=user_id,
+            delivered=delivered,
+        )
+        return SendResult(notification, delivered)
+
+    async def send_direct_message(self, session_id: str, payload: dict[str, Any]) -> int:
+        """Push ``payload`` as a ``message`` event to one session (not stored).
+
+        Returns 1 when written, 0 when that session is not connected here.
+        """
+        if not isinstance(payload, dict):
+            raise ProtocolError("bad_request", "message: must be a JSON object")
+        limits = self.config.limits
+        if len(encode_json(payload)) > limits.max_notification_bytes:
+            raise ProtocolError("too_large", "message: over the size limit", status=413)
+        check_shape(payload, max_depth=limits.max_depth, max_fields=limits.max_fields, where="message")
+        return 1 if self.delivery.to_session(session_id, "message", payload) else 0
+
+    async def send_broadcast_notification(self, payload: dict[str, Any]) -> int:
+        """Push a notification (``"broadcast": true``) to every registered session.
+
+        Broadcasts are live only: they are not stored per user. Returns how
+        many sessions were reached.
+        """
+        notification = self.make_notification(None, payload, broadcast=True)
+        n = self.delivery.broadcast("notification", notification.to_wire())
+        log.info("broadcast.sent", notification_id=notification.id, delivered=n)
+        return n
+
+    def _note_delivered(self, notification_id: str) -> None:
+        """Batch ``delivered_at`` updates: one store call per loop iteration."""
+        if not self._delivered:
+            asyncio.get_running_loop().call_soon(lambda: self.spawn(self._flush_delivered()))
+        self._delivered.append(notification_id)
+
+    async def _flush_delivered(self) -> None:
+        ids, self._delivered = self._delivered, []
+        if ids:
+            # If this fails the notifications are offered again at the next
+            # register: at-least-once, never lost.
+            await self._store_op("mark_delivered", self.store.mark_delivered(ids, time.time()))
+
+    # -- sessions ---------------------------------------------------------
+
+    async def register_user_session(
+        self, user_id: str, connection: Connection, *, last_id: str | None = None
+    ) -> int:
+        """Make ``connection`` a session of ``user_id`` and schedule offline delivery.
+
+        Returns the user's unread count. Once the reply to the register frame
+        is written, the backlog is pushed oldest first: every notification no
+        session has received yet, or with ``last_id`` every one after it.
+        Pushes that arrive meanwhile are held and follow without duplicates.
+        """
+        connection.begin_replay()
+        self.sessions.register(connection, user_id)
+        try:
+            unread = await self._store_op("unread_count", self.store.unread_count(user_id))
+        except StoreError:
+            self.sessions.unregister(connection)
+            connection.end_replay()
+            raise ProtocolError(UNAVAILABLE, "the store is unavailable; try again", status=503) from None
+
+        async def replay() -> None:
+            try:
+                await self._replay(connection, user_id, last_id)
+            finally:
+                connection.end_replay()
+
+        if connection.in_dispatch:
+            connection.after_reply(lambda: self.spawn(replay()))
+        else:
+            self.spawn(replay())
+        return unread
+
+    async def _replay(self, conn: Connection, user_id: str, last_id: str | None) -> None:
+        cap = self.config.limits.max_replay
+        cursor, sent = last_id, 0
+        while sent < cap and not conn.closed:
+            limit = min(MAX_PAGE, cap - sent)
+            try:
+                if last_id is not None:
+                    assert cursor is not None
+                    page = await self._store_op("after", self.store.after(user_id, cursor, limit))
+                else:
+                    page = await self._store_op(
+                        "undelivered", self.store.undelivered(user_id, after=cursor, limit=limit)
+                    )
+            except StoreError:
+                log.warning("replay.failed", user_id=user_id, sent=sent)
+                return
+            if not page:
+                break
+            written = self.delivery.replay(conn, [(n.id, n.to_wire()) for n in page])
+            for nid in written:
+                self._note_delivered(nid)
+            sent += len(page)
+            cursor = page[-1].id
+            if len(page) < limit:
+                break
+        if sent:
+            log.info("replay.done", user_id=user_id, count=sent, resumed=last_id is not None)
+
+    def get_user_sessions(self, user_id: str) -> list[str]:
+        """Session ids of the user's live sessions."""
+        return [c.session_id for c in self.sessions.of_user(user_id)]
+
+    def disconnect_session(self, session_id: str, reason: str = "disconnected by admin") -> bool:
+        conn = self.sessions.get(session_id)
+        if conn is None:
+            return False
+        conn.close(1008, reason)
+        return True
+
+    # -- persistence ------------------------------------------------------
+
+    async def save_notification(self, user_id: str, payload: dict[str, Any]) -> Notification:
+        """Store a notification without pushing it; it reaches the user's
+        next session through offline delivery."""
+        notification = self.make_notification(user_id, payload)
+        await self._store_op("insert", self.store.insert(notification))
+        self.metrics.notifications.inc()
+        return notification
+
+    async def get_notifications_for_user(
+        self,
+        user_id: str,
+        unread_only: bool = False,
+        *,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Notification]:
+        """History, newest first (``limit`` at most 500)."""
+        return await self._store_op(
+            "history",
+            self.store.history(user_id, unread_only=unread_only, limit=limit, before=before),
+        )
+
+    async def get_notification(self, user_id: str, notification_id: str) -> Notification:
+        found = await self._store_op("get", self.store.get(user_id, notification_id))
+        if found is None:
+            raise ProtocolError(NOT_FOUND, "no such notification", status=404)
+        return found
+
+    async def mark_read(
+        self, user_id: str, ids: Sequence[str] | None, *, origin: Connection | None = None
+    ) -> tuple[int, int]:
+        """Mark the user's notifications read (all when ``ids`` is None) and tell
+        the user's other sessions with a ``read`` push. Returns (updated, unread)."""
+        updated, unread = await self._store_op(
+            "mark_read", self.store.mark_read(user_id, ids, time.time())
+        )
+        push: dict[str, Any] = {"all": True} if ids is None else {"ids": list(ids)}
+        push["unread_count"] = unread
+        self.delivery.to_user(user_id, "read", push, exclude=origin)
+        return updated, unread
+
+    async def cleanup(self) -> int:
+        """Remove notifications past retention (runs every ``cleanup_interval``)."""
+        cfg = self.config.store
+        read_retention = cfg.read_retention_days * 86400 if cfg.read_retention_days else None
+        try:
+            removed = await self._store_op(
+                "purge", self.store.purge(time.time(), cfg.retention_days * 86400, read_retention)
+            )
+        except StoreError as err:
+            log.warning("cleanup.failed", error=str(err))
+            return 0
+        if removed:
+            log.info("cleanup.done", removed=removed)
+        return removed
+
+    # -- metrics ----------------------------------------------------------
+
+    def get_connection_metrics(self) -> dict[str, Any]:
+        """Connections (current, peak, total), users, frames, deliveries,
+        store latency: the same figures as ``GET /metrics``, as JSON."""
+        return self.metrics.snapshot()
+
+    async def log_metrics(self) -> None:
+        log.info("metrics.snapshot", **self.get_connection_metrics())
+
+
+class ThreadSafeAPI:
+    """The Python API for other threads: each call is scheduled on the IOLoop
+    and returns a ``concurrent.futures.Future``."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        loop = self._hub.loop
+        if loop is None:
+            coro.close()
+            raise RuntimeError("the server is not running")
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def send_notification(self, user_id: str, payload: dict[str, Any]) -> concurrent.futures.Future[SendResult]:
+        return self._submit(self._hub.send_notification(user_id, payload))
+
+    def send_direct_message(self, session_id: str, payload: dict[str, Any]) -> concurrent.futures.Future[int]:
+        return self._submit(self._hub.send_direct_message(session_id, payload))
+
+    def send_broadcast_notification(self, payload: dict[str, Any]) -> concurrent.futures.Future[int]:
+        return self._submit(self._hub.send_broadcast_notification(payload))
+
+    def save_notification(self, user_id: str, payload: dict[str, Any]) -> concurrent.futures.Future[Notification]:
+        return self._submit(self._hub.save_notification(user_id, payload))
+
+    def get_notifications_for_user(
+        self, user_id: str, unread_only: bool = False, *, limit: int = 50
+    ) -> concurrent.futures.Future[list[Notification]]:
+        return self._submit(self._hub.get_notifications_for_user(user_id, unread_only, limit=limit))
+
+    def get_user_sessions(self, user_id: str) -> concurrent.futures.Future[list[str]]:
+        async def call() -> list[str]:
+            return self._hub.get_user_sessions(user_id)
+
+        return self._submit(call())
+
+    def get_connection_metrics(self) -> concurrent.futures.Future[dict[str, Any]]:
+        async def call() -> dict[str, Any]:
+            return self._hub.get_connection_metrics()
+
+        return self._submit(call())

@@ -1,0 +1,124 @@
+"""Counters and histograms on one registry per server.
+
+Prometheus (``GET /metrics``) and JSON (``get_connection_metrics()``, the
+periodic ``metrics.snapshot`` log event) read the same registry, so the two
+never disagree. Counts are incremented once per operation, never per socket
+inside a fan-out loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """Every metric rtserver exports; see docs/operations.md for meanings."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge("rtserver_connections", "Open WebSocket connections", registry=r)
+        self.connections_total = Counter(
+            "rtserver_connections_accepted", "WebSocket connections accepted", registry=r
+        )
+        self.connections_peak = Gauge(
+            "rtserver_connections_peak", "Most connections open at once", registry=r
+        )
+        self.registered_users = Gauge(
+            "rtserver_registered_users", "Users with at least one session", registry=r
+        )
+        self.sessions = Gauge("rtserver_sessions", "Registered sessions", registry=r)
+        self.frames_in = Counter(
+            "rtserver_frames_in", "Client frames received, by event", ["event"], registry=r
+        )
+        self.frames_out = Counter(
+            "rtserver_frames_out", "Frames written to clients, by event", ["event"], registry=r
+        )
+        self.errors = Counter(
+            "rtserver_errors", "Error replies sent, by code", ["code"], registry=r
+        )
+        self.handler_seconds = Histogram(
+            "rtserver_handler_seconds",
+            "Event handler latency, by plugin and event",
+            ["plugin", "event"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "rtserver_deliveries",
+            "Frames delivered to sessions, by kind (user, session, broadcast)",
+            ["kind"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "rtserver_notifications", "Notifications accepted and stored", registry=r
+        )
+        self.store_seconds = Histogram(
+            "rtserver_store_seconds",
+            "Store operation latency, by operation",
+            ["op"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "rtserver_store_errors", "Failed store operations, by operation", ["op"], registry=r
+        )
+        self.slow_disconnects = Counter(
+            "rtserver_slow_client_disconnects",
+            "Sessions closed because their outbound queue was full",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "rtserver_rate_limited", "Requests refused by a rate limit, by limit", ["limit"],
+            registry=r,
+        )
+        self.outbound_bytes = Gauge(
+            "rtserver_outbound_queue_bytes", "Bytes waiting in all outbound queues", registry=r
+        )
+
+    def bind_gauges(
+        self,
+        *,
+        connections: Callable[[], float],
+        peak: Callable[[], float],
+        users: Callable[[], float],
+        sessions: Callable[[], float],
+        outbound: Callable[[], float],
+    ) -> None:
+        """Gauges read live state when scraped instead of being kept in step."""
+        self.connections.set_function(connections)
+        self.connections_peak.set_function(peak)
+        self.registered_users.set_function(users)
+        self.sessions.set_function(sessions)
+        self.outbound_bytes.set_function(outbound)
+
+    def prometheus(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def snapshot(self) -> dict[str, Any]:
+        """All metrics as plain JSON: scalars, or label-value -> number maps;
+        histograms give ``{"count", "sum"}`` (per label value when labelled)."""
+        out: dict[str, Any] = {}
+        for family in self.registry.collect():
+            name = family.name.removeprefix("rtserver_")
+            for sample in family.samples:
+                suffix = sample.name.removeprefix(family.name)
+                if suffix in ("_created", "_bucket"):
+                    continue
+                label = ",".join(str(v) for v in sample.labels.values())
+                if family.type == "histogram":
+                    key = suffix.lstrip("_")  # count | sum
+                    slot = out.setdefault(name, {})
+                    if label:
+                        slot = slot.setdefault(label, {})
+                    slot[key] = sample.value
+                elif label:
+                    out.setdefault(name, {})[label] = sample.value
+                else:
+                    out[name + ("_total" if suffix == "_total" else "")] = sample.value
+        return out

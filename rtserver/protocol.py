@@ -1,0 +1,337 @@
+"""The wire format beside its codec.
+
+Every frame, either way, is one JSON text object::
+
+    {"event": NAME, "data": {...}, "id": ID}
+
+``data`` defaults to ``{}``; ``id`` (string or integer) is optional. A client
+frame with an ``id`` gets exactly one reply carrying the same id, either
+``{"event": "ack", "id": ID, "data": {...}}`` or
+``{"event": "error", "id": ID, "data": {"code": CODE, "message": TEXT}}``.
+Pushes from the server (``notification``, ``message``, ``read``) carry no id.
+
+Outbound frames are encoded here once and framed once (``ws_text_frame``), so a
+broadcast writes the same bytes to every connection. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import struct
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypeVar
+
+import msgspec
+
+FrameId = str | int
+T = TypeVar("T")
+
+# Error codes: the complete vocabulary a client may see.
+BAD_REQUEST: Final = "bad_request"
+NOT_REGISTERED: Final = "not_registered"
+ALREADY_REGISTERED: Final = "already_registered"
+UNAUTHORIZED: Final = "unauthorized"
+FORBIDDEN: Final = "forbidden"
+UNKNOWN_EVENT: Final = "unknown_event"
+NOT_FOUND: Final = "not_found"
+TOO_LARGE: Final = "too_large"
+RATE_LIMITED: Final = "rate_limited"
+UNSUPPORTED: Final = "unsupported"
+UNAVAILABLE: Final = "unavailable"
+INTERNAL_ERROR: Final = "internal_error"
+
+ERROR_CODES: Final = frozenset(
+    {
+        BAD_REQUEST,
+        NOT_REGISTERED,
+        ALREADY_REGISTERED,
+        UNAUTHORIZED,
+        FORBIDDEN,
+        UNKNOWN_EVENT,
+        NOT_FOUND,
+        TOO_LARGE,
+        RATE_LIMITED,
+        UNSUPPORTED,
+        UNAVAILABLE,
+        INTERNAL_ERROR,
+    }
+)
+
+NOTIFICATION_TYPES: Final = ("info", "success", "warning", "error")
+NotificationType = Literal["info", "success", "warning", "error"]
+
+# Keys the server owns in a notification; a sender may not set them.
+RESERVED_FIELDS: Final = frozenset(
+    {"id", "user_id", "created_at", "read", "read_at", "delivered_at", "broadcast"}
+)
+
+
+class ProtocolError(Exception):
+    """A failure the client is told about as ``{"code", "message"}``.
+
+    Raise it from an event handler or HTTP route; the core turns it into an
+    ``error`` reply (or an HTTP error with ``status``) and nothing else happens.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int = 400,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.extra = extra or {}
+
+    def as_data(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **self.extra}
+
+
+class InboundFrame(msgspec.Struct, forbid_unknown_fields=True):
+    """A client frame; ``data`` stays raw until its event's schema decodes it."""
+
+    event: str
+    data: msgspec.Raw = msgspec.Raw(b"{}")
+    id: FrameId | None = None
+
+
+_frame_decoder = msgspec.json.Decoder(InboundFrame)
+_any_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def _validation_message(err: msgspec.ValidationError, root: str) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.data.limit`" as
+    "data.limit: expected `int`, got `str`", with the path under ``root``."""
+    text = str(err)
+    msg, sep, where = text.rpartition(" - at `$")
+    if not sep:
+        msg, where = text, ""
+    where = where.rstrip("`").lstrip(".")
+    path = f"{root}.{where}" if where else root
+    missing = re.match(r"Object missing required field `(.+)`", msg)
+    if missing:
+        return f"{path}.{missing.group(1)}: required"
+    unknown = re.match(r"Object contains unknown field `(.+)`", msg)
+    if unknown:
+        return f"{path}.{unknown.group(1)}: unknown field"
+    return f"{path}: {msg[0].lower()}{msg[1:]}"
+
+
+def decode_frame(text: str | bytes) -> InboundFrame:
+    """Decode one client frame, or raise ``ProtocolError(bad_request)``.
+
+    The error names the offending field. When the frame is at least an object
+    with a usable ``id``, the error carries it (``ProtocolError.extra['id']`` is
+    not used; call ``salvage_id``).
+    """
+    try:
+        frame = _frame_decoder.decode(text)
+    except msgspec.ValidationError as err:
+        raise ProtocolError(BAD_REQUEST, _validation_message(err, "frame")) from None
+    except msgspec.DecodeError as err:
+        raise ProtocolError(BAD_REQUEST, f"invalid JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError(TOO_LARGE, "frame: nested too deeply") from None
+    if not frame.event:
+        raise ProtocolError(BAD_REQUEST, "event: must be a non-empty string")
+    return frame
+
+
+def salvage_id(text: str | bytes) -> FrameId | None:
+    """The ``id`` of a frame that failed validation, if it has a usable one."""
+    try:
+        obj = _any_decoder.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if isinstance(obj, dict):
+        fid = obj.get("id")
+        if isinstance(fid, str | int) and not isinstance(fid, bool):
+            return fid
+    return None
+
+
+def decode_data(raw: msgspec.Raw, schema: type[T]) -> T:
+    """Decode a frame's ``data`` into an event's schema, or raise bad_request."""
+    try:
+        return msgspec.json.decode(raw, type=schema)
+    except msgspec.ValidationError as err:
+        raise ProtocolError(BAD_REQUEST, _validation_message(err, "data")) from None
+    except msgspec.DecodeError as err:
+        raise ProtocolError(BAD_REQUEST, f"invalid JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError(TOO_LARGE, "data: nested too deeply") from None
+
+
+def encode(event: str, data: Any, frame_id: FrameId | None = None) -> bytes:
+    """Encode an outbound frame's JSON payload (not yet WebSocket-framed)."""
+    if frame_id is None:
+        return _encoder.encode({"event": event, "data": data})
+    return _encoder.encode({"event": event, "id": frame_id, "data": data})
+
+
+def encode_json(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_json(data: bytes | str) -> Any:
+    """Decode arbitrary JSON or raise ``ProtocolError(bad_request)``."""
+    try:
+        return _any_decoder.decode(data)
+    except msgspec.DecodeError as err:
+        raise ProtocolError(BAD_REQUEST, f"invalid JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError(TOO_LARGE, "body: nested too deeply") from None
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A complete unmasked WebSocket text frame (RFC 6455 5.2) around ``payload``.
+
+    Server-to-client frames are never masked, so one framed message can be
+    written unchanged to every connection of a broadcast.
+    """
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n <= 0xFFFF:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+def check_shape(obj: Any, *, max_depth: int, max_fields: int, where: str = "data") -> None:
+    """Refuse payloads nested deeper than ``max_depth`` or with objects wider
+    than ``max_fields`` keys (lists count toward depth, not width)."""
+    stack: list[tuple[Any, int, str]] = [(obj, 1, where)]
+    while stack:
+        node, depth, path = stack.pop()
+        if isinstance(node, dict):
+            if depth > max_depth:
+                raise ProtocolError(TOO_LARGE, f"{path}: nested deeper than {max_depth}")
+            if len(node) > max_fields:
+                raise ProtocolError(TOO_LARGE, f"{path}: more than {max_fields} fields")
+            stack.extend((v, depth + 1, f"{path}.{k}") for k, v in node.items())
+        elif isinstance(node, list):
+            if depth > max_depth:
+                raise ProtocolError(TOO_LARGE, f"{path}: nested deeper than {max_depth}")
+            stack.extend((v, depth + 1, f"{path}[{i}]") for i, v in enumerate(node))
+
+
+class Notification(msgspec.Struct, kw_only=True):
+    """A stored notification. ``extra`` holds every field the sender added."""
+
+    id: str
+    user_id: str | None
+    message: str
+    type: NotificationType = "info"
+    created_at: float
+    read: bool = False
+    read_at: float | None = None
+    delivered_at: float | None = None
+    broadcast: bool = False
+    extra: dict[str, Any] = {}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object clients see (extras first, so they cannot shadow)."""
+        body: dict[str, Any] = dict(self.extra)
+        body.update(
+            id=self.id,
+            user_id=self.user_id,
+            message=self.message,
+            type=self.type,
+            created_at=iso_utc(self.created_at),
+            read=self.read,
+        )
+        if self.read_at is not None:
+            body["read_at"] = iso_utc(self.read_at)
+        if self.broadcast:
+            body["broadcast"] = True
+        return body
+
+
+def iso_utc(ts: float) -> str:
+    """``1700000000.5`` -> ``"2023-11-14T22:13:20.500Z"``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def build_notification(
+    payload: Any,
+    *,
+    user_id: str | None,
+    notification_id: str,
+    created_at: float,
+    max_bytes: int,
+    max_depth: int,
+    max_fields: int,
+    broadcast: bool = False,
+) -> Notification:
+    """Validate a sender's payload and make a Notification of it.
+
+    ``payload`` needs ``message`` (a non-empty string) and may give ``type``
+    (info|success|warning|error, default info) and any other JSON fields,
+    which are kept and delivered as they are. Raises ``ProtocolError``.
+    """
+    if not isinstance(payload, dict):
+        raise ProtocolError(BAD_REQUEST, "notification: must be a JSON object")
+    size = len(_encoder.encode(payload))
+    if size > max_bytes:
+        raise ProtocolError(
+            TOO_LARGE, f"notification: {size} bytes is over the limit of {max_bytes}", status=413
+        )
+    check_shape(payload, max_depth=max_depth, max_fields=max_fields, where="notification")
+    message = payload.get("message")
+    if not isinstance(message, str) or not message.strip():
+        raise ProtocolError(BAD_REQUEST, "notification.message: required non-empty string")
+    ntype = payload.get("type", "info")
+    if ntype not in NOTIFICATION_TYPES:
+        raise ProtocolError(
+            BAD_REQUEST, f"notification.type: must be one of {', '.join(NOTIFICATION_TYPES)}"
+        )
+    extra: dict[str, Any] = {}
+    for key, value in payload.items():
+        if key in ("message", "type"):
+            continue
+        if key in RESERVED_FIELDS:
+            raise ProtocolError(BAD_REQUEST, f"notification.{key}: is set by the server")
+        extra[key] = value
+    return Notification(
+        id=notification_id,
+        user_id=user_id,
+        message=message,
+        type=ntype,
+        created_at=created_at,
+        broadcast=broadcast,
+        extra=extra,
+    )
+
+
+class IdGenerator:
+    """Time-ordered, unique string ids: 12 hex digits of milliseconds, 6 of a
+    per-process sequence, 6 of a random node tag (24 in all, like an ObjectId).
+
+    Ids of one process sort in creation order, which ``last_id`` resume and
+    ``before`` paging rely on. Thread-safe.
+    """
+
+    def __init__(self, node: bytes | None = None) -> None:
+        self._node = (node or os.urandom(3)).hex()[:6]
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._seq = itertools.count()
+
+    def __call__(self) -> str:
+        with self._lock:
+            ms = max(int(time.time() * 1000), self._last_ms)
+            if ms != self._last_ms:
+                self._last_ms = ms
+            seq = next(self._seq) & 0xFFFFFF
+            return f"{ms:012x}{seq:06x}{self._node}"

@@ -1,0 +1,235 @@
+"""Who is connected: users -> sessions -> connections.
+
+A ``Connection`` is one WebSocket; it becomes a *session* of a user when it
+registers. A user may hold many sessions (tabs, devices); closing one leaves
+the others. Everything here runs on the IOLoop thread only.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from tornado.iostream import StreamBufferFullError, StreamClosedError
+
+from rtserver.config import Role
+
+
+class _Stream(Protocol):
+    max_write_buffer_size: int | None
+
+    def write(self, data: bytes) -> Any: ...
+    def closed(self) -> bool: ...
+
+
+class Transport(Protocol):
+    """What a Connection needs from its WebSocket (``web.ConnectionHandler``)."""
+
+    def raw_stream(self) -> _Stream | None: ...
+    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+class Connection:
+    """One open WebSocket and, once registered, the session it carries.
+
+    ``write`` puts an already framed message straight onto the socket's stream;
+    the stream's bounded buffer is the per-session outbound queue, and a client
+    that lets it fill is disconnected as a slow client.
+    """
+
+    __slots__ = (
+        "session_id",
+        "user_id",
+        "role",
+        "claims",
+        "remote_ip",
+        "connected_at",
+        "registered_at",
+        "expires_at",
+        "closed",
+        "close_reason",
+        "_transport",
+        "_replay_queue",
+        "_replayed",
+        "_after_reply",
+        "in_dispatch",
+        "on_slow",
+        "state",
+    )
+
+    def __init__(self, transport: Transport, remote_ip: str | None) -> None:
+        self.session_id = secrets.token_urlsafe(12)
+        self.user_id: str | None = None
+        self.role: Role | None = None
+        self.claims: dict[str, Any] = {}
+        self.remote_ip = remote_ip
+        self.connected_at = time.time()
+        self.registered_at: float | None = None
+        self.expires_at: float | None = None
+        self.closed = False
+        self.close_reason: str | None = None
+        self._transport = transport
+        # While offline delivery is replaying, pushes wait here (frame, id).
+        self._replay_queue: list[tuple[bytes, str | None]] | None = None
+        self._replayed: set[str] | None = None
+        self._after_reply: list[Callable[[], Any]] = []
+        self.in_dispatch = False
+        self.on_slow: Callable[[Connection], None] | None = None
+        #: Free space for plugins, keyed by plugin name.
+        self.state: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.session_id} user={self.user_id!r}>"
+
+    @property
+    def registered(self) -> bool:
+        return self.user_id is not None
+
+    # -- output -----------------------------------------------------------
+
+    def write(self, frame: bytes) -> bool:
+        """Write one framed message now. False when the connection is gone."""
+        if self.closed:
+            return False
+        stream = self._transport.raw_stream()
+        if stream is None or stream.closed():
+            return False
+        try:
+            stream.write(frame)
+        except StreamClosedError:
+            return False
+        except StreamBufferFullError:
+            stream.max_write_buffer_size = None  # let the close frame queue
+            if self.on_slow is not None:
+                self.on_slow(self)
+            self.close(1013, "slow client: outbound queue full")
+            return False
+        return True
+
+    def push(self, frame: bytes, notification_id: str | None = None) -> bool:
+        """A server push: written now, or held while offline delivery replays
+        so that the backlog goes out first, oldest first, without duplicates."""
+        if self._replay_queue is not None:
+            if self.closed:
+                return False
+            self._replay_queue.append((frame, notification_id))
+            return True
+        return self.write(frame)
+
+    def begin_replay(self) -> None:
+        """Hold pushes until ``end_replay``; see ``Hub.register_user_session``."""
+        self._replay_queue = []
+        self._replayed = set()
+
+    def replay(self, frame: bytes, notification_id: str) -> bool:
+        """Write one backlog notification unless a live push already holds it."""
+        queue = self._replay_queue
+        if queue is not None and any(nid == notification_id for _, nid in queue):
+            return False
+        if self._replayed is not None:
+            self._replayed.add(notification_id)
+        return self.write(frame)
+
+    def end_replay(self) -> None:
+        """Write the pushes held during replay, skipping ones replayed already."""
+        queued, replayed = self._replay_queue or [], self._replayed or set()
+        self._replay_queue = self._replayed = None
+        for frame, nid in queued:
+            if nid is None or nid not in replayed:
+                self.write(frame)
+
+    @property
+    def replaying(self) -> bool:
+        return self._replay_queue is not None
+
+    # -- lifecycle --------------------------------------------------------
+
+    def after_reply(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` once the reply to the current frame is written."""
+        self._after_reply.append(callback)
+
+    def take_after_reply(self) -> list[Callable[[], Any]]:
+        callbacks, self._after_reply = self._after_reply, []
+        return callbacks
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if self.closed:
+            return
+        self.close_reason = reason
+        self._transport.close(code, reason)
+
+    def outbound_buffer(self) -> int:
+        """Bytes written but not yet taken by the peer (0 when unknown)."""
+        stream = self._transport.raw_stream()
+        buf = getattr(stream, "_write_buffer", None)
+        return len(buf) if buf is not None else 0
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "user_id": self.user_id,
+            "role": self.role,
+            "remote_ip": self.remote_ip,
+            "connected_at": self.connected_at,
+            "registered_at": self.registered_at,
+            "outbound_bytes": self.outbound_buffer(),
+        }
+
+
+class SessionRegistry:
+    """Connections by session id, and registered sessions by user."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, Connection] = {}
+        self._by_user: dict[str, dict[str, Connection]] = {}
+        self.total = 0
+        self.peak = 0
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def add(self, conn: Connection) -> None:
+        self._connections[conn.session_id] = conn
+        self.total += 1
+        self.peak = max(self.peak, len(self._connections))
+
+    def register(self, conn: Connection, user_id: str) -> None:
+        conn.user_id = user_id
+        conn.registered_at = time.time()
+        self._by_user.setdefault(user_id, {})[conn.session_id] = conn
+
+    def unregister(self, conn: Connection) -> None:
+        """Undo ``register``: the connection stays open but is no session."""
+        if conn.user_id is not None:
+            sessions = self._by_user.get(conn.user_id)
+            if sessions is not None:
+                sessions.pop(conn.session_id, None)
+                if not sessions:
+                    del self._by_user[conn.user_id]
+        conn.user_id = None
+        conn.registered_at = None
+
+    def remove(self, conn: Connection) -> None:
+        self._connections.pop(conn.session_id, None)
+        user_id = conn.user_id
+        self.unregister(conn)
+        conn.user_id = user_id  # kept for disconnect hooks and logs
+
+    def get(self, session_id: str) -> Connection | None:
+        return self._connections.get(session_id)
+
+    def of_user(self, user_id: str) -> list[Connection]:
+        sessions = self._by_user.get(user_id)
+        return list(sessions.values()) if sessions else []
+
+    def users(self) -> int:
+        return len(self._by_user)
+
+    def registered(self) -> list[Connection]:
+        """A snapshot: safe while pushes close slow sessions mid-loop."""
+        return [c for sessions in self._by_user.values() for c in sessions.values()]
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self._connections.values()))

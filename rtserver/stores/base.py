@@ -1,0 +1,94 @@
+"""The store interface every backend implements.
+
+One suite (``tests/stores/suite.py``) runs over every backend. All methods are
+coroutines and must never block the IOLoop. Timestamps are float seconds since
+the epoch (UTC); ids are the time-ordered strings of ``protocol.IdGenerator``,
+so ordering by id is ordering by creation.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from rtserver.protocol import Notification
+
+#: Most rows any single query returns; every read is bounded by it.
+MAX_PAGE = 500
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (unreachable, failed write)."""
+
+
+class Store(abc.ABC):
+    """Persistence for notifications: offline delivery, history, read state."""
+
+    #: Short name for logs and metrics ("sqlite", "mongodb").
+    name: str = "store"
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create what is missing (schema, indexes). Idempotent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release resources."""
+
+    @abc.abstractmethod
+    async def ping(self) -> bool:
+        """True when the backend answers (readiness)."""
+
+    @abc.abstractmethod
+    async def insert(self, notification: Notification) -> None:
+        """Store one notification. Raises ``StoreError`` when it was not stored."""
+
+    @abc.abstractmethod
+    async def mark_delivered(self, ids: Sequence[str], at: float) -> None:
+        """Set ``delivered_at`` where it is not set yet."""
+
+    @abc.abstractmethod
+    async def undelivered(
+        self, user_id: str, *, after: str | None = None, limit: int = MAX_PAGE
+    ) -> list[Notification]:
+        """The user's notifications never delivered to any session, oldest first
+        (only ids greater than ``after`` when given, for paging)."""
+
+    @abc.abstractmethod
+    async def after(self, user_id: str, last_id: str, limit: int = MAX_PAGE) -> list[Notification]:
+        """The user's notifications with id greater than ``last_id``, oldest first."""
+
+    @abc.abstractmethod
+    async def history(
+        self,
+        user_id: str,
+        *,
+        unread_only: bool = False,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Notification]:
+        """The user's notifications, newest first, ids below ``before`` if given."""
+
+    @abc.abstractmethod
+    async def get(self, user_id: str, notification_id: str) -> Notification | None:
+        """One notification of the user, or None."""
+
+    @abc.abstractmethod
+    async def mark_read(
+        self, user_id: str, ids: Sequence[str] | None, at: float
+    ) -> tuple[int, int]:
+        """Mark the given ids (or all when None) of this user read, atomically.
+
+        Returns ``(updated, unread_count)``: how many changed from unread to
+        read, and how many unread remain afterwards.
+        """
+
+    @abc.abstractmethod
+    async def unread_count(self, user_id: str) -> int:
+        """How many of the user's notifications are unread."""
+
+    @abc.abstractmethod
+    async def purge(self, now: float, retention: float, read_retention: float | None) -> int:
+        """Remove notifications created before ``now - retention``, and read ones
+        read before ``now - read_retention``. Returns how many were removed
+        (backends that expire by themselves, such as MongoDB TTL, may return 0)."""

@@ -1,0 +1,285 @@
+"""Embedded SQLite store: one file, WAL mode, one writer thread.
+
+All SQL runs on a single dedicated thread with one connection, so the IOLoop
+never blocks and no two statements race. Inserts that arrive while the thread
+is busy are written together in one transaction (group commit), which is what
+keeps per-user sends fast under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from rtserver.protocol import Notification
+from rtserver.stores.base import MAX_PAGE, Store, StoreError
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS notifications (
+    id           TEXT PRIMARY KEY,
+    user_id      TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    read         INTEGER NOT NULL DEFAULT 0,
+    read_at      REAL,
+    delivered_at REAL,
+    body         BLOB NOT NULL
+) WITHOUT ROWID;
+-- history, unread lists and counts: user, read state, newest first
+CREATE INDEX IF NOT EXISTS notifications_user_read_id
+    ON notifications (user_id, read, id DESC);
+-- offline delivery: only the undelivered rows are indexed
+CREATE INDEX IF NOT EXISTS notifications_undelivered
+    ON notifications (user_id, id) WHERE delivered_at IS NULL;
+-- retention
+CREATE INDEX IF NOT EXISTS notifications_created ON notifications (created_at);
+CREATE INDEX IF NOT EXISTS notifications_read_at
+    ON notifications (read_at) WHERE read_at IS NOT NULL;
+"""
+
+_COLUMNS = "id, user_id, created_at, read, read_at, delivered_at, body"
+
+
+class _Body(msgspec.Struct):
+    message: str
+    type: str
+    extra: dict[str, Any]
+
+
+_body_encoder = msgspec.json.Encoder()
+_body_decoder = msgspec.json.Decoder(_Body)
+
+
+def _row(n: Notification) -> tuple[Any, ...]:
+    body = _body_encoder.encode(_Body(n.message, n.type, n.extra))
+    return (n.id, n.user_id, n.created_at, int(n.read), n.read_at, n.delivered_at, body)
+
+
+def _notification(row: tuple[Any, ...]) -> Notification:
+    nid, user_id, created_at, read, read_at, delivered_at, body = row
+    b = _body_decoder.decode(body)
+    return Notification(
+        id=nid,
+        user_id=user_id,
+        message=b.message,
+        type=b.type,  # type: ignore[arg-type]  # validated when stored
+        created_at=created_at,
+        read=bool(read),
+        read_at=read_at,
+        delivered_at=delivered_at,
+        extra=b.extra,
+    )
+
+
+class SQLiteStore(Store):
+    name = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtserver-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple[Notification, asyncio.Future[None]]] = []
+        self._flush_scheduled = False
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._db is None:
+                raise StoreError("sqlite store is not open")
+            try:
+                return fn(self._db)
+            except sqlite3.Error as err:
+                if self._db.in_transaction:
+                    self._db.rollback()
+                raise StoreError(f"sqlite: {err}") from err
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
+        except sqlite3.Error as err:
+            raise StoreError(f"sqlite: cannot open {self.path}: {err}") from err
+
+    async def close(self) -> None:
+        if self._db is None:
+            return
+        # Drain queued inserts: the executor runs jobs in order, so a no-op
+        # submitted now completes after every flush already scheduled.
+        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
+        if self._pending:
+            await self._flush_now()
+        db, self._db = self._db, None
+        await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> bool:
+        try:
+            return await self._run(lambda db: db.execute("SELECT 1").fetchone() == (1,))
+        except StoreError:
+            return False
+
+    # -- writes -----------------------------------------------------------
+
+    async def insert(self, notification: Notification) -> None:
+        if notification.user_id is None:
+            raise StoreError("only notifications addressed to a user are stored")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((notification, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().create_task(self._flush_now())
+        await fut
+
+    async def _flush_now(self) -> None:
+        batch, self._pending = self._pending, []
+        self._flush_scheduled = False
+        if not batch:
+            return
+        rows = [_row(n) for n, _ in batch]
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            db.executemany(
+                f"INSERT INTO notifications ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+            )
+            db.execute("COMMIT")
+
+        try:
+            await self._run(write)
+        except StoreError as err:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StoreError(str(err)))
+            return
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def mark_delivered(self, ids: Sequence[str], at: float) -> None:
+        if not ids:
+            return
+        params = [(at, i) for i in ids]
+        await self._run(
+            lambda db: db.executemany(
+                "UPDATE notifications SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL",
+                params,
+            )
+        )
+
+    async def mark_read(
+        self, user_id: str, ids: Sequence[str] | None, at: float
+    ) -> tuple[int, int]:
+        def work(db: sqlite3.Connection) -> tuple[int, int]:
+            db.execute("BEGIN IMMEDIATE")
+            if ids is None:
+                cur = db.execute(
+                    "UPDATE notifications SET read = 1, read_at = ? WHERE user_id = ? AND read = 0",
+                    (at, user_id),
+                )
+                updated = cur.rowcount
+            else:
+                updated = 0
+                for chunk_start in range(0, len(ids), 400):
+                    chunk = list(ids[chunk_start : chunk_start + 400])
+                    marks = ",".join("?" * len(chunk))
+                    cur = db.execute(
+                        "UPDATE notifications SET read = 1, read_at = ?"
+                        f" WHERE user_id = ? AND read = 0 AND id IN ({marks})",
+                        (at, user_id, *chunk),
+                    )
+                    updated += cur.rowcount
+            unread = db.execute(
+                "SELECT count(*) FROM notifications WHERE user_id = ? AND read = 0", (user_id,)
+            ).fetchone()[0]
+            db.execute("COMMIT")
+            return updated, int(unread)
+
+        return await self._run(work)
+
+    async def purge(self, now: float, retention: float, read_retention: float | None) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN")
+            removed = db.execute(
+                "DELETE FROM notifications WHERE created_at < ?", (now - retention,)
+            ).rowcount
+            if read_retention is not None:
+                removed += db.execute(
+                    "DELETE FROM notifications WHERE read_at IS NOT NULL AND read_at < ?",
+                    (now - read_retention,),
+                ).rowcount
+            db.execute("COMMIT")
+            return int(removed)
+
+        return await self._run(work)
+
+    # -- reads ------------------------------------------------------------
+
+    async def _select(self, where: str, params: tuple[Any, ...], order: str, limit: int) -> list[Notification]:
+        sql = f"SELECT {_COLUMNS} FROM notifications WHERE {where} ORDER BY {order} LIMIT ?"
+        limit = max(0, min(limit, MAX_PAGE))
+        rows = await self._run(lambda db: db.execute(sql, (*params, limit)).fetchall())
+        return [_notification(r) for r in rows]
+
+    async def undelivered(
+        self, user_id: str, *, after: str | None = None, limit: int = MAX_PAGE
+    ) -> list[Notification]:
+        if after is None:
+            return await self._select(
+                "user_id = ? AND delivered_at IS NULL", (user_id,), "id ASC", limit
+            )
+        return await self._select(
+            "user_id = ? AND delivered_at IS NULL AND id > ?", (user_id, after), "id ASC", limit
+        )
+
+    async def after(self, user_id: str, last_id: str, limit: int = MAX_PAGE) -> list[Notification]:
+        return await self._select("user_id = ? AND id > ?", (user_id, last_id), "id ASC", limit)
+
+    async def history(
+        self,
+        user_id: str,
+        *,
+        unread_only: bool = False,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Notification]:
+        where, params = "user_id = ?", [user_id]
+        if unread_only:
+            where += " AND read = 0"
+        if before is not None:
+            where += " AND id < ?"
+            params.append(before)
+        return await self._select(where, tuple(params), "id DESC", limit)
+
+    async def get(self, user_id: str, notification_id: str) -> Notification | None:
+        found = await self._select(
+            "user_id = ? AND id = ?", (user_id, notification_id), "id ASC", 1
+        )
+        return found[0] if found else None
+
+    async def unread_count(self, user_id: str) -> int:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT count(*) FROM notifications WHERE user_id = ? AND read = 0", (user_id,)
+            ).fetchone()
+        )
+        return int(row[0])

@@ -1,0 +1,365 @@
+"""Tornado handlers: the WebSocket at /ws, the JSON API base class, health.
+
+The WebSocket handler owns nothing but the socket: frames are decoded by
+``protocol``, dispatched by a dictionary lookup into the plugins' handlers,
+and every reply goes out through ``Delivery``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+import structlog
+import tornado.web
+import tornado.websocket
+from tornado.iostream import IOStream
+
+from rtserver.auth import Claims, require_role
+from rtserver.config import Role
+from rtserver.hub import Hub
+from rtserver.limits import TokenBucket
+from rtserver.log import get_logger
+from rtserver.plugins import EventContext, Plugins, Registered
+from rtserver.protocol import (
+    BAD_REQUEST,
+    FORBIDDEN,
+    INTERNAL_ERROR,
+    NOT_REGISTERED,
+    RATE_LIMITED,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    UNKNOWN_EVENT,
+    UNSUPPORTED,
+    ProtocolError,
+    decode_data,
+    decode_frame,
+    decode_json,
+    encode_json,
+    salvage_id,
+)
+from rtserver.sessions import Connection
+from rtserver.stores.base import StoreError
+
+T = TypeVar("T")
+log = get_logger("rtserver")
+
+_ANY_OBJECT = dict[str, Any]
+
+
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Exact origins, or ``scheme://*.example.com`` wildcards (any depth of
+    subdomain, not the bare domain)."""
+    origin = origin.lower().rstrip("/")
+    for pattern in allowed:
+        pattern = pattern.lower().rstrip("/")
+        if pattern == "*" or origin == pattern:
+            return True
+        if "*" in pattern:
+            p, o = urlsplit(pattern), urlsplit(origin)
+            if p.scheme == o.scheme and fnmatch.fnmatchcase(o.netloc, p.netloc):
+                return True
+    return False
+
+
+class Dispatcher:
+    """Frame -> handler -> reply. One per server; stateless per frame."""
+
+    def __init__(self, hub: Hub, plugins: Plugins) -> None:
+        self.hub = hub
+        self.events: dict[str, Registered] = plugins.events
+        self.delivery = hub.delivery
+        self.metrics = hub.metrics
+        self._timers = {
+            name: hub.metrics.handler_seconds.labels(reg.plugin, name)
+            for name, reg in self.events.items()
+        }
+        self._frames_in = {name: hub.metrics.frames_in.labels(name) for name in self.events}
+        self._frames_unknown = hub.metrics.frames_in.labels("_unknown")
+
+    def error(self, conn: Connection, frame_id: Any, err: ProtocolError) -> None:
+        self.metrics.errors.labels(err.code).inc()
+        self.delivery.reply(conn, frame_id, "error", err.as_data())
+
+    async def dispatch(self, conn: Connection, text: str, bucket: TokenBucket) -> None:
+        """Handle one text frame; never raises."""
+        frame_id: Any = None
+        conn.in_dispatch = True
+        if conn.user_id is not None:
+            # Each frame runs in its own task; bind once per frame so every
+            # event a handler logs carries the user (session_id is inherited).
+            structlog.contextvars.bind_contextvars(user_id=conn.user_id)
+        try:
+            wait = bucket.take()
+            if wait:
+                self.metrics.rate_limited.labels("frames").inc()
+                raise ProtocolError(
+                    RATE_LIMITED,
+                    "too many frames; slow down",
+                    extra={"retry_after": round(wait, 3)},
+                )
+            try:
+                frame = decode_frame(text)
+            except ProtocolError:
+                frame_id = salvage_id(text)
+                raise
+            frame_id = frame.id
+            reg = self.events.get(frame.event)
+            if reg is None:
+                self._frames_unknown.inc()
+                raise ProtocolError(UNKNOWN_EVENT, f"unknown event {frame.event!r}")
+            self._frames_in[frame.event].inc()
+            spec = reg.spec
+            if spec.requires_registration and not conn.registered:
+                raise ProtocolError(NOT_REGISTERED, "register first")
+            if spec.role is not None:
+                require_role(conn.role, spec.role)
+            data = decode_data(frame.data, spec.schema or _ANY_OBJECT)
+            ctx = EventContext(self.hub, conn, frame.event, frame_id)
+            t0 = time.perf_counter()
+            try:
+                result = spec.handler(ctx, data)
+                if inspect.isawaitable(result):
+                    result = await result
+            finally:
+                self._timers[frame.event].observe(time.perf_counter() - t0)
+            if frame_id is not None:
+                self.delivery.reply(conn, frame_id, "ack", result or {})
+        except ProtocolError as err:
+            self.error(conn, frame_id, err)
+        except StoreError as err:
+            log.warning("store.unavailable", error=str(err))
+            self.error(conn, frame_id, ProtocolError(UNAVAILABLE, "the store is unavailable; try again"))
+        except Exception:
+            log.exception("handler.failed")
+            self.error(conn, frame_id, ProtocolError(INTERNAL_ERROR, "the server failed to handle this event"))
+        finally:
+            conn.in_dispatch = False
+            for callback in conn.take_after_reply():
+                callback()
+
+
+class ConnectionHandler(tornado.websocket.WebSocketHandler):
+    """``/ws``: one instance per WebSocket connection."""
+
+    def initialize(self, hub: Hub, plugins: Plugins, dispatcher: Dispatcher) -> None:
+        self.hub = hub
+        self.plugins = plugins
+        self.dispatcher = dispatcher
+        self.conn: Connection | None = None
+        limits = hub.config.limits
+        self.bucket = TokenBucket(limits.frames_per_second, limits.frame_burst)
+
+    def check_origin(self, origin: str) -> bool:
+        # Tornado 6.6 calls this only for cross-origin browser requests.
+        allowed = origin_allowed(origin, self.hub.config.server.allowed_origins)
+        if not allowed:
+            log.warning("connection.origin_refused", origin=origin)
+        return allowed
+
+    def get_compression_options(self) -> None:
+        return None  # frames are framed once and shared; no per-socket deflate
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        if self.hub.shutting_down:
+            self.set_status(503)
+            self.finish({"error": {"code": UNAVAILABLE, "message": "server is shutting down"}})
+            return
+        await super().get(*args, **kwargs)
+
+    def raw_stream(self) -> IOStream | None:
+        ws = self.ws_connection
+        if ws is None or ws.is_closing():
+            return None
+        return getattr(ws, "stream", None)
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        conn = self.conn = Connection(self, self.request.remote_ip)
+        stream = self.raw_stream()
+        if stream is not None:
+            stream.max_write_buffer_size = self.hub.config.server.max_outbound_bytes
+        conn.on_slow = self._on_slow
+        self.set_nodelay(True)
+        self.hub.sessions.add(conn)
+        self.hub.metrics.connections_total.inc()
+        structlog.contextvars.bind_contextvars(session_id=conn.session_id)
+        log.info("connection.opened", remote_ip=conn.remote_ip)
+        self._fire("rtserver_connect")
+
+    def _on_slow(self, conn: Connection) -> None:
+        self.hub.metrics.slow_disconnects.inc()
+        log.warning("connection.slow_client", user_id=conn.user_id, limit=self.hub.config.server.max_outbound_bytes)
+
+    def _fire(self, hook: str) -> None:
+        try:
+            results = self.plugins.notify(hook, hub=self.hub, connection=self.conn)
+        except Exception:
+            log.exception("hook.failed", hook=hook)
+            return
+        for result in results:
+            if inspect.isawaitable(result):
+                self.hub.spawn(_awaitable(result))
+
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        conn = self.conn
+        if conn is None:
+            return None
+        if isinstance(message, bytes):
+            self.dispatcher.error(
+                conn, None, ProtocolError(UNSUPPORTED, "binary frames are not supported; send JSON text")
+            )
+            return None
+        return self.dispatcher.dispatch(conn, message, self.bucket)
+
+    def on_close(self) -> None:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        conn.closed = True
+        self.hub.sessions.remove(conn)
+        log.info(
+            "connection.closed",
+            user_id=conn.user_id,
+            code=self.close_code,
+            reason=conn.close_reason or self.close_reason,
+            seconds=round(time.time() - conn.connected_at, 3),
+        )
+        self._fire("rtserver_disconnect")
+
+
+async def _awaitable(result: Awaitable[Any]) -> None:
+    await result
+
+
+class APIHandler(tornado.web.RequestHandler):
+    """Base for JSON routes (core and plugins): auth, bodies, errors, CORS.
+
+    Raise ``ProtocolError`` anywhere in a handler to answer
+    ``{"error": {"code", "message"}}`` with its status.
+    """
+
+    def initialize(self, hub: Hub, **kwargs: Any) -> None:
+        self.hub = hub
+        self.options = kwargs
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def prepare(self) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin and origin_allowed(origin, self.hub.config.server.allowed_origins):
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Vary", "Origin")
+
+    def options(self, *args: str) -> None:
+        """CORS preflight: allowed origins get the methods and headers."""
+        origin = self.request.headers.get("Origin")
+        if not origin or not origin_allowed(origin, self.hub.config.server.allowed_origins):
+            raise ProtocolError(FORBIDDEN, "origin not allowed", status=403)
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+    # -- helpers for subclasses ------------------------------------------
+
+    def claims(self, role: Role = "user") -> Claims:
+        """The bearer token's claims, requiring at least ``role``."""
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ProtocolError(UNAUTHORIZED, "Authorization: Bearer TOKEN required", status=401)
+        claims = self.hub.auth.verify(token.strip())
+        claims.require(role)
+        return claims
+
+    def body(self, schema: type[T] | None = None) -> Any:
+        """The JSON body, validated against ``schema`` when given."""
+        raw = self.request.body
+        if not raw:
+            raise ProtocolError(BAD_REQUEST, "body: a JSON object is required")
+        if schema is None:
+            return decode_json(raw)
+        try:
+            return msgspec.json.decode(raw, type=schema)
+        except msgspec.ValidationError as err:
+            raise ProtocolError(BAD_REQUEST, f"body: {err}") from None
+        except msgspec.DecodeError as err:
+            raise ProtocolError(BAD_REQUEST, f"invalid JSON: {err}") from None
+        except RecursionError:
+            raise ProtocolError("too_large", "body: nested too deeply", status=413) from None
+
+    def send(self, obj: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(encode_json(obj))
+
+    # -- errors ----------------------------------------------------------
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, ProtocolError | StoreError):
+            return
+        super().log_exception(typ, value, tb)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ProtocolError):
+            err = exc
+        elif isinstance(exc, StoreError):
+            err = ProtocolError(UNAVAILABLE, "the store is unavailable; the notification was not accepted", status=503)
+        elif isinstance(exc, tornado.web.HTTPError):
+            err = ProtocolError(
+                "not_found" if exc.status_code == 404 else BAD_REQUEST if exc.status_code < 500 else INTERNAL_ERROR,
+                exc.reason or self._reason,
+                status=exc.status_code,
+            )
+        else:
+            err = ProtocolError(INTERNAL_ERROR, "internal server error", status=500)
+        if err.status == 429 and "retry_after" in err.extra:
+            self.set_header("Retry-After", str(max(1, round(err.extra["retry_after"]))))
+        self.set_status(err.status)
+        self.finish(encode_json({"error": err.as_data()}))
+
+
+class HealthHandler(APIHandler):
+    """``GET /healthz``: the process answers."""
+
+    def get(self) -> None:
+        self.send({"status": "ok"})
+
+
+class ReadyHandler(APIHandler):
+    """``GET /readyz``: 200 when the store answers and we are not shutting down."""
+
+    async def get(self) -> None:
+        store_ok = await self.hub.store.ping()
+        ready = store_ok and not self.hub.shutting_down
+        self.send(
+            {
+                "status": "ready" if ready else "unavailable",
+                "store": "ok" if store_ok else "unreachable",
+                "shutting_down": self.hub.shutting_down,
+            },
+            200 if ready else 503,
+        )
+
+
+class MetricsHandler(APIHandler):
+    """``GET /metrics``: Prometheus text format; admin token required."""
+
+    def get(self) -> None:
+        self.claims("admin")
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.hub.metrics.prometheus())
+
+
+class NotFoundHandler(APIHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        raise ProtocolError("not_found", f"no route for {self.request.path}", status=404)

@@ -161,7 +161,7 @@ class Plugins:
 
     def _each(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         out = []
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():  # registration order
             args = {k: kwargs[k] for k in impl.argnames}
             out.append((impl.plugin_name, impl.function(**args)))
         return out

@@ -1,0 +1,142 @@
+"""The one store suite every backend runs.
+
+A backend's test module subclasses ``StoreSuite`` and provides a ``store``
+fixture that yields an opened, empty store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from rtserver.protocol import IdGenerator, Notification
+from rtserver.stores.base import Store
+
+_ids = IdGenerator()
+
+
+def note(user_id: str, message: str = "m", *, created_at: float | None = None, **extra: object) -> Notification:
+    return Notification(
+        id=_ids(),
+        user_id=user_id,
+        message=message,
+        type="info",
+        created_at=created_at if created_at is not None else time.time(),
+        extra=dict(extra),
+    )
+
+
+class StoreSuite:
+    async def test_insert_and_get_round_trip(self, store: Store) -> None:
+        """What is inserted comes back field for field, extras included."""
+        n = note("u", "hello", form_id=5, nested={"a": [1, 2]})
+        await store.insert(n)
+        got = await store.get("u", n.id)
+        assert got is not None
+        assert (got.id, got.user_id, got.message, got.type, got.read) == (n.id, "u", "hello", "info", False)
+        assert got.extra == {"form_id": 5, "nested": {"a": [1, 2]}}
+        assert abs(got.created_at - n.created_at) < 0.002
+
+    async def test_get_is_scoped_to_the_user(self, store: Store) -> None:
+        """get() of another user's id finds nothing."""
+        n = note("u")
+        await store.insert(n)
+        assert await store.get("v", n.id) is None
+
+    async def test_concurrent_inserts_all_land(self, store: Store) -> None:
+        """Many concurrent inserts are all stored (group commit loses none)."""
+        notes = [note("bulk", str(i)) for i in range(300)]
+        await asyncio.gather(*(store.insert(n) for n in notes))
+        assert await store.unread_count("bulk") == 300
+
+    async def test_history_newest_first_and_paging(self, store: Store) -> None:
+        """history() is newest first, bounded by limit, and pages with before."""
+        notes = [note("u", str(i)) for i in range(6)]
+        for n in notes:
+            await store.insert(n)
+        page = await store.history("u", limit=4)
+        assert [n.id for n in page] == [n.id for n in reversed(notes)][:4]
+        page2 = await store.history("u", limit=4, before=page[-1].id)
+        assert [n.id for n in page2] == [notes[1].id, notes[0].id]
+
+    async def test_history_is_bounded(self, store: Store) -> None:
+        """No query returns more than MAX_PAGE rows, whatever limit says."""
+        for n in [note("big") for _ in range(5)]:
+            await store.insert(n)
+        assert len(await store.history("big", limit=10_000)) == 5
+        assert len(await store.history("big", limit=2)) == 2
+
+    async def test_undelivered_oldest_first_and_mark_delivered(self, store: Store) -> None:
+        """undelivered() lists what no session got, oldest first; mark_delivered removes."""
+        notes = [note("u", str(i)) for i in range(4)]
+        for n in notes:
+            await store.insert(n)
+        assert [n.id for n in await store.undelivered("u")] == [n.id for n in notes]
+        await store.mark_delivered([notes[0].id, notes[2].id], time.time())
+        assert [n.id for n in await store.undelivered("u")] == [notes[1].id, notes[3].id]
+        assert [n.id for n in await store.undelivered("u", after=notes[1].id)] == [notes[3].id]
+        got = await store.get("u", notes[0].id)
+        assert got is not None and got.delivered_at is not None
+
+    async def test_mark_delivered_keeps_first_time(self, store: Store) -> None:
+        """delivered_at records the first delivery only."""
+        n = note("u")
+        await store.insert(n)
+        await store.mark_delivered([n.id], 1000.0)
+        await store.mark_delivered([n.id], 2000.0)
+        got = await store.get("u", n.id)
+        assert got is not None and got.delivered_at == 1000.0
+
+    async def test_after_for_resume(self, store: Store) -> None:
+        """after() lists every notification after an id, delivered or not."""
+        notes = [note("u", str(i)) for i in range(4)]
+        for n in notes:
+            await store.insert(n)
+        await store.mark_delivered([n.id for n in notes], time.time())
+        assert [n.id for n in await store.after("u", notes[1].id)] == [notes[2].id, notes[3].id]
+
+    async def test_mark_read_ids_counts_and_scope(self, store: Store) -> None:
+        """mark_read changes only the caller's unread ones and returns (updated, unread)."""
+        mine = [note("u") for _ in range(3)]
+        theirs = note("v")
+        for n in [*mine, theirs]:
+            await store.insert(n)
+        assert await store.mark_read("u", [mine[0].id, theirs.id], 10.0) == (1, 2)
+        assert await store.mark_read("u", [mine[0].id], 11.0) == (0, 2)
+        assert await store.unread_count("v") == 1
+        got = await store.get("u", mine[0].id)
+        assert got is not None and got.read and got.read_at == 10.0
+
+    async def test_mark_all_read(self, store: Store) -> None:
+        """mark_read(None) marks all of the user's unread."""
+        for n in [note("u") for _ in range(4)]:
+            await store.insert(n)
+        assert await store.mark_read("u", None, 1.0) == (4, 0)
+        assert await store.history("u", unread_only=True) == []
+
+    async def test_concurrent_mark_read_counts_stay_right(self, store: Store) -> None:
+        """Concurrent mark_read calls and inserts never double count."""
+        notes = [note("race") for _ in range(40)]
+        for n in notes:
+            await store.insert(n)
+        results = await asyncio.gather(
+            *(store.mark_read("race", [n.id for n in notes[i::4]], 1.0) for i in range(4)),
+            *(store.mark_read("race", [n.id for n in notes], 1.0) for _ in range(2)),
+        )
+        assert sum(updated for updated, _ in results) == 40
+        assert await store.unread_count("race") == 0
+
+    async def test_purge_by_age_and_read_age(self, store: Store) -> None:
+        """purge() drops old notifications and read ones past read retention."""
+        now = time.time()
+        old, fresh, read_old = note("p", created_at=now - 1000), note("p"), note("p")
+        for n in (old, fresh, read_old):
+            await store.insert(n)
+        await store.mark_read("p", [read_old.id], now - 200)
+        removed = await store.purge(now, retention=500, read_retention=100)
+        assert removed == 2
+        assert [n.id for n in await store.history("p")] == [fresh.id]
+
+    async def test_ping(self, store: Store) -> None:
+        """ping() is true while the backend answers."""
+        assert await store.ping() is True

@@ -1,0 +1,96 @@
+"""The store suite on the embedded SQLite backend, plus what is SQLite's own."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from rtserver.stores.sqlite import SQLiteStore
+
+from .suite import StoreSuite, note
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "sub" / "rt.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+class TestSQLiteStore(StoreSuite):
+    async def test_file_is_in_wal_mode(self, store: SQLiteStore) -> None:
+        """The database file is created under its directory in WAL mode."""
+        assert store.path.exists()
+        with sqlite3.connect(store.path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    @pytest.mark.parametrize(
+        ("sql", "index"),
+        [
+            ("SELECT * FROM notifications WHERE user_id = 'u' AND read = 0 ORDER BY id DESC LIMIT 50", "notifications_user_read_id"),
+            ("SELECT count(*) FROM notifications WHERE user_id = 'u' AND read = 0", "notifications_user_read_id"),
+            ("SELECT * FROM notifications WHERE user_id = 'u' AND delivered_at IS NULL ORDER BY id ASC LIMIT 500", "notifications_undelivered"),
+            ("DELETE FROM notifications WHERE created_at < 5", "notifications_created"),
+        ],
+    )
+    async def test_queries_use_indexes(self, store: SQLiteStore, sql: str, index: str) -> None:
+        """The user/unread/created queries are served by indexes (EXPLAIN QUERY PLAN)."""
+        with sqlite3.connect(store.path) as db:
+            plan = " ".join(row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + sql))
+        assert index in plan, plan
+
+    async def test_sql_runs_off_the_ioloop(self, store: SQLiteStore) -> None:
+        """Store work happens on the store's own thread, so the loop keeps turning."""
+        seen: list[str] = []
+        original = store._run
+
+        async def spy(fn):  # type: ignore[no-untyped-def]
+            return await original(lambda db: (seen.append(threading.current_thread().name), fn(db))[1])
+
+        store._run = spy  # type: ignore[method-assign]
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.get_running_loop().create_task(ticker())
+        await asyncio.gather(*(store.insert(note("u")) for _ in range(2000)))
+        await store.history("u")
+        t.cancel()
+        assert seen and all(name.startswith("rtserver-sqlite") for name in seen)
+        assert ticks > 1
+
+    async def test_close_flushes_pending_inserts(self, tmp_path: Path) -> None:
+        """Inserts queued when close() starts are written, not dropped."""
+        s = SQLiteStore(tmp_path / "f.db")
+        await s.open()
+        tasks = [asyncio.ensure_future(s.insert(note("f"))) for _ in range(50)]
+        await asyncio.sleep(0)
+        await s.close()
+        await asyncio.gather(*tasks)
+        again = SQLiteStore(tmp_path / "f.db")
+        await again.open()
+        assert await again.unread_count("f") == 50
+        await again.close()
+
+
+async def test_retention_cleanup_runs_periodically(start_server) -> None:  # type: ignore[no-untyped-def]
+    """The server purges notifications past retention on its cleanup interval."""
+    srv = await start_server(store={"cleanup_interval": 0.05, "retention_days": 1})
+    old = note("old", created_at=time.time() - 3 * 86400)
+    await srv.hub.store.insert(old)
+    for _ in range(100):
+        if await srv.hub.store.get("old", old.id) is None:
+            break
+        await asyncio.sleep(0.02)
+    assert await srv.hub.store.get("old", old.id) is None

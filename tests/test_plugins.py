@@ -1,0 +1,171 @@
+"""Plugins: entry-point loading, registrations, clashes, failures, an external package."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from rtserver.app import make_app
+from rtserver.client import ClientError
+from rtserver.plugins import EventHandler, Hookspecs, PluginError, hookimpl
+
+from .conftest import StartServer, make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plugin(**hooks: Any) -> SimpleNamespace:
+    """A plugin object with the given hook implementations."""
+    return SimpleNamespace(**{name: hookimpl(fn) for name, fn in hooks.items()})
+
+
+def events(*specs: EventHandler) -> SimpleNamespace:
+    def rtserver_events(config: Any) -> list[EventHandler]:
+        return list(specs)
+
+    return plugin(rtserver_events=rtserver_events)
+
+
+class TestLoading:
+    def test_shipped_plugins_load_from_entry_points(self, tmp_path: Path) -> None:
+        """The three shipped plugins come from the rtserver.plugins entry points."""
+        app = make_app(make_config(tmp_path))
+        assert app.plugins.names() == ["registration", "notifications", "admin"]
+        assert {"register", "mark_read", "get_notifications"} <= set(app.plugins.events)
+        assert app.plugins.events["register"].plugin == "registration"
+
+    def test_enabled_list_decides(self, tmp_path: Path) -> None:
+        """Only enabled plugins load; their events and routes are absent otherwise."""
+        app = make_app(make_config(tmp_path, plugins={"enabled": ["registration"]}))
+        assert set(app.plugins.events) == {"register"}
+        assert app.plugins.routes == []
+
+    def test_unknown_plugin_name_stops_startup(self, tmp_path: Path) -> None:
+        """Enabling a plugin that is not installed names it."""
+        with pytest.raises(PluginError, match="'nope'"):
+            make_app(make_config(tmp_path, plugins={"enabled": ["registration", "nope"]}))
+
+    def test_two_plugins_claiming_one_event_stop_startup(self, tmp_path: Path) -> None:
+        """An event claimed twice is a clear error naming both plugins."""
+        dup = events(EventHandler("register", lambda ctx, data: {}))
+        with pytest.raises(PluginError, match="'register' is claimed by both plugin 'registration' and plugin 'dup'"):
+            make_app(make_config(tmp_path), plugins=[("dup", dup)])
+
+    def test_misspelled_hook_stops_startup(self, tmp_path: Path) -> None:
+        """A hookimpl that matches no hook spec is refused (pluggy check_pending)."""
+        bad = plugin(rtserver_event=lambda config: [])
+        with pytest.raises(PluginError, match="rtserver_event"):
+            make_app(make_config(tmp_path), plugins=[("bad", bad)])
+
+    def test_wrong_hook_arguments_stop_startup(self, tmp_path: Path) -> None:
+        """A hookimpl asking for an argument the spec does not give is refused."""
+        bad = plugin(rtserver_startup=lambda hub, nonsense: None)
+        with pytest.raises(PluginError, match="nonsense"):
+            make_app(make_config(tmp_path), plugins=[("bad", bad)])
+
+
+class TestDispatch:
+    async def test_plugin_event_and_lifecycle_hooks(self, start_server: StartServer) -> None:
+        """A plugin's event is dispatched; startup, connect, disconnect hooks fire."""
+        seen: list[str] = []
+
+        async def ping(ctx: Any, data: dict[str, Any]) -> dict[str, Any]:
+            return {"pong": data.get("n", 0) + 1, "user": ctx.user_id}
+
+        p = plugin(
+            rtserver_events=lambda config: [EventHandler("ping", ping)],
+            rtserver_startup=lambda hub: seen.append("startup"),
+            rtserver_connect=lambda hub, connection: seen.append("connect"),
+            rtserver_disconnect=lambda hub, connection: seen.append(f"disconnect:{connection.user_id}"),
+            rtserver_shutdown=lambda hub: seen.append("shutdown"),
+        )
+        srv = await start_server(extra_plugins=[("pinger", p)])
+        client = await srv.user("pat")
+        assert await client.request("ping", {"n": 41}) == {"pong": 42, "user": "pat"}
+        await client.close()
+        for _ in range(100):
+            if "disconnect:pat" in seen:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == ["startup", "connect", "disconnect:pat"]
+
+    async def test_raising_handler_gets_internal_error_and_harms_nothing(self, start_server: StartServer) -> None:
+        """A handler that raises: its caller gets internal_error, the traceback is
+        logged, the connection and other sessions carry on."""
+
+        def boom(ctx: Any, data: Any) -> None:
+            raise RuntimeError("kaboom")
+
+        srv = await start_server(extra_plugins=[("boomer", events(EventHandler("boom", boom)))])
+        client, other = await srv.user("a"), await srv.user("b")
+        with capture_logs() as logs, pytest.raises(ClientError) as err:
+            await client.request("boom")
+        assert err.value.code == "internal_error"
+        failed = [e for e in logs if e["event"] == "handler.failed"]
+        assert failed and failed[0]["log_level"] == "error" and failed[0]["exc_info"] is True
+        assert (await client.request("get_notifications")) == {"notifications": []}
+        await srv.hub.send_notification("b", {"message": "fine"})
+        assert (await other.next("notification"))["message"] == "fine"
+
+    async def test_role_restricted_event(self, start_server: StartServer) -> None:
+        """An EventHandler with role='admin' refuses users with forbidden."""
+        srv = await start_server()
+        client = await srv.user("plain")
+        with pytest.raises(ClientError) as err:
+            await client.request("admin.sessions")
+        assert err.value.code == "forbidden"
+        admin = await srv.connect()
+        await admin.register(srv.token("root", "admin"))
+        listed = await admin.request("admin.sessions")
+        assert {s["user_id"] for s in listed["sessions"]} == {"plain", "root"}
+
+
+@pytest.fixture(scope="module")
+def installed_echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """pip-install the sample plugin package (tests/sample_plugin) into a target dir."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(ROOT / "tests" / "sample_plugin")],
+        check=True,
+        capture_output=True,
+    )
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    yield target
+    sys.path.remove(str(target))
+    sys.modules.pop("rtserver_echo", None)
+
+
+async def test_external_plugin_package_over_websocket(installed_echo: Path, start_server: StartServer) -> None:
+    """An installed package with an rtserver.plugins entry point adds an event and
+    a route, configured by name, without touching the core."""
+    srv = await start_server(
+        plugins={"enabled": ["registration", "notifications", "admin", "echo"], "settings": {"echo": {"prefix": ">"}}}
+    )
+    client = await srv.user("ext")
+    assert await client.request("echo", {"text": "ab", "times": 2}) == {"text": ">abab", "user_id": "ext"}
+    with pytest.raises(ClientError) as err:
+        await client.request("echo", {"text": 5})
+    assert err.value.code == "bad_request" and "data.text" in err.value.message
+    status, body = await srv.http("GET", "/api/echo/count")
+    assert (status, body) == (200, {"echoes": 1})
+
+
+def test_every_hook_is_documented() -> None:
+    """docs/plugins.md has a section for every hook spec."""
+    doc = (ROOT / "docs" / "plugins.md").read_text()
+    hooks = [name for name in vars(Hookspecs) if name.startswith("rtserver_")]
+    assert hooks
+    for name in hooks:
+        assert re.search(rf"^###\s+`?{name}", doc, re.M), f"{name} is not documented"

@@ -1,0 +1,290 @@
+"""The WebSocket protocol at /ws, driven over a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from rtserver.client import ClientError
+
+from .conftest import Running
+
+
+async def raw_reply(client, text: str) -> dict:  # type: ignore[no-untyped-def]
+    await client.send_raw(text)
+    return await client.next(timeout=5)
+
+
+class TestRegister:
+    async def test_ack_carries_user_session_and_unread(self, server: Running) -> None:
+        """register answers with user_id, session_id and the unread count."""
+        await server.hub.save_notification("alice", {"message": "one"})
+        client = await server.connect()
+        ack = await client.register(server.token("alice"))
+        assert ack["user_id"] == "alice"
+        assert ack["unread_count"] == 1
+        assert ack["session_id"] in server.hub.get_user_sessions("alice")
+
+    async def test_events_before_register_are_refused(self, server: Running) -> None:
+        """Any user event before register gets not_registered."""
+        client = await server.connect()
+        with pytest.raises(ClientError) as err:
+            await client.request("get_notifications")
+        assert err.value.code == "not_registered"
+
+    @pytest.mark.parametrize("bad", ["garbage", "a.b.c"])
+    async def test_bad_token_is_unauthorized(self, server: Running, bad: str) -> None:
+        """A malformed or forged token gets unauthorized and no session."""
+        client = await server.connect()
+        with pytest.raises(ClientError) as err:
+            await client.register(bad)
+        assert err.value.code == "unauthorized"
+        assert server.hub.get_user_sessions("alice") == []
+
+    async def test_expired_token_is_unauthorized(self, server: Running) -> None:
+        """An expired token is refused with a message saying so."""
+        client = await server.connect()
+        with pytest.raises(ClientError) as err:
+            await client.register(server.token("alice", ttl=-60))
+        assert err.value.code == "unauthorized"
+        assert "expired" in err.value.message
+
+    async def test_register_twice_is_refused(self, server: Running) -> None:
+        """A connection registers once."""
+        client = await server.user("alice")
+        with pytest.raises(ClientError) as err:
+            await client.register(server.token("alice"))
+        assert err.value.code == "already_registered"
+
+
+class TestOfflineDelivery:
+    async def test_stored_notifications_arrive_oldest_first_after_ack(self, server: Running) -> None:
+        """Notifications sent while offline are pushed after register, oldest first."""
+        for i in range(3):
+            await server.hub.send_notification("bob", {"message": f"m{i}"})
+        client = await server.connect()
+        await client.register(server.token("bob"))
+        got = [(await client.next("notification"))["message"] for _ in range(3)]
+        assert got == ["m0", "m1", "m2"]
+
+    async def test_delivered_notifications_are_not_replayed(self, server: Running) -> None:
+        """What a session received is not pushed again at the next register."""
+        first = await server.user("bob")
+        await server.hub.send_notification("bob", {"message": "live"})
+        assert (await first.next("notification"))["message"] == "live"
+        await asyncio.sleep(0.05)  # delivered_at is written in the background
+        await first.close()
+        await server.hub.send_notification("bob", {"message": "missed"})
+        second = await server.user("bob")
+        assert (await second.next("notification"))["message"] == "missed"
+        await asyncio.sleep(0.1)
+        assert second.pending() == []
+
+    async def test_last_id_resumes_after_that_id(self, server: Running) -> None:
+        """With last_id the server pushes every notification after it, delivered or not."""
+        client = await server.user("carol")
+        ids = []
+        for i in range(4):
+            result = await server.hub.send_notification("carol", {"message": f"m{i}"})
+            ids.append(result.notification.id)
+        await client.close()
+        resumed = await server.user("carol", last_id=ids[1])
+        got = [(await resumed.next("notification"))["id"] for _ in range(2)]
+        assert got == ids[2:]
+
+    async def test_nothing_lost_between_disconnect_and_register(self, server: Running) -> None:
+        """Sends racing a register are neither lost nor duplicated, and stay in order."""
+        for i in range(20):
+            await server.hub.send_notification("dave", {"message": f"old{i}"})
+        client = await server.connect()
+
+        async def sender() -> None:
+            for i in range(20):
+                await server.hub.send_notification("dave", {"message": f"new{i}"})
+                await asyncio.sleep(0)
+
+        await asyncio.gather(client.register(server.token("dave")), sender())
+        got = [(await client.next("notification"))["message"] for _ in range(40)]
+        assert sorted(got) == sorted([f"old{i}" for i in range(20)] + [f"new{i}" for i in range(20)])
+        assert got[:20] == [f"old{i}" for i in range(20)]
+        assert [m for m in got if m.startswith("new")] == [f"new{i}" for i in range(20)]
+        await asyncio.sleep(0.1)
+        assert client.pending() == []
+
+
+class TestMarkRead:
+    async def test_mark_ids_read_and_tell_other_sessions(self, server: Running) -> None:
+        """mark_read acks counts; the user's other sessions get a read push."""
+        tab1, tab2 = await server.user("erin"), await server.user("erin")
+        r1 = await server.hub.send_notification("erin", {"message": "a"})
+        await server.hub.send_notification("erin", {"message": "b"})
+        ack = await tab1.mark_read([r1.notification.id])
+        assert ack == {"updated": 1, "unread_count": 1}
+        push = await tab2.next("read")
+        assert push == {"ids": [r1.notification.id], "unread_count": 1}
+
+    async def test_mark_all_read(self, server: Running) -> None:
+        """{"all": true} marks every unread notification of the caller."""
+        client = await server.user("erin")
+        for i in range(3):
+            await server.hub.send_notification("erin", {"message": str(i)})
+        assert await client.mark_read() == {"updated": 3, "unread_count": 0}
+        assert await client.get_notifications(unread_only=True) == []
+
+    async def test_only_own_notifications_change(self, server: Running) -> None:
+        """Ids of another user's notifications are not marked."""
+        other = await server.hub.send_notification("frank", {"message": "private"})
+        client = await server.user("erin")
+        ack = await client.mark_read([other.notification.id])
+        assert ack["updated"] == 0
+        assert (await server.hub.get_notifications_for_user("frank"))[0].read is False
+
+    @pytest.mark.parametrize(
+        "data", [{}, {"ids": ["x"], "all": True}, {"ids": "x"}, {"all": "yes"}]
+    )
+    async def test_bad_mark_read_is_bad_request(self, server: Running, data: dict) -> None:  # type: ignore[type-arg]
+        """Neither or both of ids/all, or wrong types, get bad_request."""
+        client = await server.user("erin")
+        with pytest.raises(ClientError) as err:
+            await client.request("mark_read", data)
+        assert err.value.code == "bad_request"
+
+
+class TestHistory:
+    async def test_newest_first_with_limit_and_before(self, server: Running) -> None:
+        """get_notifications pages newest first with limit and before."""
+        client = await server.user("gina")
+        ids = [(await server.hub.send_notification("gina", {"message": str(i)})).notification.id for i in range(5)]
+        page = await client.get_notifications(limit=2)
+        assert [n["id"] for n in page] == [ids[4], ids[3]]
+        page = await client.get_notifications(limit=2, before=ids[3])
+        assert [n["id"] for n in page] == [ids[2], ids[1]]
+
+    async def test_unread_only(self, server: Running) -> None:
+        """unread_only leaves out what was read."""
+        client = await server.user("gina")
+        a = await server.hub.send_notification("gina", {"message": "a"})
+        await server.hub.send_notification("gina", {"message": "b"})
+        await client.mark_read([a.notification.id])
+        assert [n["message"] for n in await client.get_notifications(unread_only=True)] == ["b"]
+
+    @pytest.mark.parametrize("limit", [0, 501, -1])
+    async def test_limit_out_of_range(self, server: Running, limit: int) -> None:
+        """limit must be 1..500."""
+        client = await server.user("gina")
+        with pytest.raises(ClientError) as err:
+            await client.get_notifications(limit=limit)
+        assert err.value.code == "bad_request"
+        assert "limit" in err.value.message
+
+
+class TestPushes:
+    async def test_notification_shape_keeps_extras(self, server: Running) -> None:
+        """A push has id, user_id, message, type, created_at (ISO UTC), read, and extras."""
+        client = await server.user("hank")
+        await server.hub.send_notification(
+            "hank", {"message": "Form submitted", "type": "success", "form_id": 42, "category": "immigration"}
+        )
+        note = await client.next("notification")
+        assert note["message"] == "Form submitted"
+        assert note["type"] == "success"
+        assert note["user_id"] == "hank"
+        assert note["read"] is False
+        assert note["form_id"] == 42 and note["category"] == "immigration"
+        assert note["created_at"].endswith("Z") and "T" in note["created_at"]
+
+    async def test_broadcast_reaches_every_registered_session(self, server: Running) -> None:
+        """Broadcasts carry broadcast: true and reach all users, not unregistered sockets."""
+        a, b = await server.user("u1"), await server.user("u2")
+        anon = await server.connect()
+        n = await server.hub.send_broadcast_notification({"message": "maintenance", "type": "warning"})
+        assert n == 2
+        for c in (a, b):
+            note = await c.next("notification")
+            assert note["broadcast"] is True and note["message"] == "maintenance"
+        await asyncio.sleep(0.05)
+        assert anon.pending() == []
+
+    async def test_direct_message_arrives_as_message_event(self, server: Running) -> None:
+        """send_direct_message reaches one session as event 'message'."""
+        tab1, tab2 = await server.user("ivy"), await server.user("ivy")
+        assert await server.hub.send_direct_message(tab2.session_id or "", {"message": "hi"}) == 1
+        assert await tab2.next("message") == {"message": "hi"}
+        await asyncio.sleep(0.05)
+        assert tab1.pending() == []
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("text", "fragment"),
+        [
+            ("not json", "invalid JSON"),
+            ("[1, 2]", "expected `object`"),
+            ('"str"', "expected `object`"),
+            ('{"data": {}}', "frame.event: required"),
+            ('{"event": 5}', "frame.event"),
+            ('{"event": "register", "data": []}', "data"),
+            ('{"event": "x", "id": 1.5}', "frame.id"),
+        ],
+    )
+    async def test_malformed_frames_get_bad_request_naming_the_field(
+        self, server: Running, text: str, fragment: str
+    ) -> None:
+        """Bad frames get bad_request naming what is wrong; the connection stays up."""
+        client = await server.connect()
+        frame = await raw_reply(client, text)
+        assert frame["event"] == "error"
+        assert frame["data"]["code"] == "bad_request"
+        assert fragment in frame["data"]["message"]
+        ack = await client.register(server.token("ok"))
+        assert ack["user_id"] == "ok"
+
+    async def test_wrong_field_type_names_the_field(self, server: Running) -> None:
+        """A wrong type inside data names the field path."""
+        client = await server.user("jo")
+        with pytest.raises(ClientError) as err:
+            await client.request("get_notifications", {"limit": "ten"})
+        assert err.value.code == "bad_request"
+        assert "data.limit" in err.value.message
+
+    async def test_unknown_event(self, server: Running) -> None:
+        """An unknown event gets unknown_event with the frame's id."""
+        client = await server.user("jo")
+        await client.send_raw(json.dumps({"event": "nope", "id": "abc"}))
+        frame = await client.next()
+        assert frame == {"event": "error", "id": "abc", "data": {"code": "unknown_event", "message": "unknown event 'nope'"}}
+
+    async def test_error_reply_keeps_id_of_invalid_frame(self, server: Running) -> None:
+        """A frame that fails validation still gets its id back."""
+        client = await server.connect()
+        frame = await raw_reply(client, '{"event": 3, "id": 77}')
+        assert frame["id"] == 77 and frame["data"]["code"] == "bad_request"
+
+    async def test_exactly_one_reply_per_id(self, server: Running) -> None:
+        """Each id gets one reply, in order, string and integer ids alike."""
+        client = await server.user("kim")
+        for fid in ("a", 2, "c"):
+            await client.send_raw(json.dumps({"event": "get_notifications", "id": fid}))
+        frames = [await client.next() for _ in range(3)]
+        assert [f["id"] for f in frames] == ["a", 2, "c"]
+        assert all(f["event"] == "ack" for f in frames)
+        await asyncio.sleep(0.05)
+        assert client.pending() == []
+
+    async def test_binary_frames_are_refused(self, server: Running) -> None:
+        """Binary frames get a clear 'unsupported' error."""
+        client = await server.connect()
+        await client.send_raw(b"\x00\x01", binary=True)
+        frame = await client.next()
+        assert frame["data"]["code"] == "unsupported"
+
+    async def test_other_sessions_do_not_notice(self, server: Running) -> None:
+        """Garbage from one client does not disturb another's deliveries."""
+        bad, good = await server.connect(), await server.user("lee")
+        for _ in range(20):
+            await bad.send_raw("{{{{")
+        await server.hub.send_notification("lee", {"message": "still here"})
+        assert (await good.next("notification"))["message"] == "still here"
+        assert (await bad.next())["data"]["code"] == "bad_request"

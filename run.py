@@ -45,7 +45,9 @@ async def serve(config: Config) -> None:
     )
     server.listen(srv.port, srv.host)
     scheme = "https" if srv.tls_cert else "http"
-    log.info("server.listening", url=f"{scheme}://{srv.host}:{srv.port}", environment=srv.environment)
+    log.info(
+        "server.listening", url=f"{scheme}://{srv.host}:{srv.port}", environment=srv.environment
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

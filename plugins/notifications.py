@@ -100,7 +100,11 @@ class HistoryHandler(APIHandler):
         claims = self.claims("user")
         if claims.sub != user_id and claims.role == "user":
             raise ProtocolError(FORBIDDEN, "you may read only your own notifications", status=403)
-        unread_only = self.get_query_argument("unread_only", "false").lower() in ("1", "true", "yes")
+        unread_only = self.get_query_argument("unread_only", "false").lower() in (
+            "1",
+            "true",
+            "yes",
+        )
         try:
             limit = int(self.get_query_argument("limit", "50"))
         except ValueError:

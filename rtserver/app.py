@@ -1,10 +1,10 @@
 """``make_app(config)``: wires everything once.
 
-    app = make_app(config)
-    await app.startup()          # open the store, run plugin startup hooks
-    server = app.listen(8888)    # or HTTPServer(app).add_sockets(...)
-    ...
-    await app.shutdown()         # close sessions (1001), flush, close the store
+app = make_app(config)
+await app.startup()          # open the store, run plugin startup hooks
+server = app.listen(8888)    # or HTTPServer(app).add_sockets(...)
+...
+await app.shutdown()         # close sessions (1001), flush, close the store
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Application(tornado.web.Application):
             conn.close(1001, f"server shutting down; reconnect_after_ms={delay_ms}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout / 2
-        while len(hub.sessions) and loop.time() < deadline:
+        while len(hub.sessions) and loop.time() < deadline:  # noqa: ASYNC110 (brief poll)
             await asyncio.sleep(0.02)
         try:
             await asyncio.wait_for(

@@ -25,7 +25,7 @@ _RANK = {"user": 0, "publisher": 1, "admin": 2}
 class Claims:
     """A verified token: who (``sub``), with what role, until when."""
 
-    __slots__ = ("sub", "role", "exp", "raw")
+    __slots__ = ("exp", "raw", "role", "sub")
 
     def __init__(self, sub: str, role: Role, exp: float, raw: dict[str, Any]) -> None:
         self.sub = sub

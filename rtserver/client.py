@@ -13,6 +13,7 @@ reply; pushes (frames without an id) queue up for ``next``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from typing import Any
@@ -48,7 +49,9 @@ class Client:
     async def connect(
         cls, url: str, *, headers: dict[str, str] | None = None, timeout: float = 10.0
     ) -> Client:
-        request = HTTPRequest(url, headers=headers or {}, connect_timeout=timeout, request_timeout=timeout)
+        request = HTTPRequest(
+            url, headers=headers or {}, connect_timeout=timeout, request_timeout=timeout
+        )
         ws = await websocket_connect(request, max_message_size=64 * 1024 * 1024)
         return cls(ws)
 
@@ -138,10 +141,8 @@ class Client:
     async def close(self) -> None:
         if not self.closed.is_set():
             self.ws.close()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.closed.wait(), 5)
-            except TimeoutError:
-                pass
         if not self._reader.done():
             self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)

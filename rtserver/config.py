@@ -15,6 +15,8 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from rtserver.protocol import describe_validation_error
+
 DEV_SECRET = "dev-only-insecure-secret-change-me-0123456789"
 
 Role = Literal["user", "publisher", "admin"]
@@ -28,7 +30,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class ServerConfig(_Section):
+class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8888
     #: "development" or "production"; production refuses the development secret.
@@ -58,7 +60,7 @@ class ServerConfig(_Section):
     shutdown_timeout: float = 10.0
 
 
-class AuthConfig(_Section):
+class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: HMAC secret for HS256 tokens (and for ``run.py token``).
     secret: str | None = None
     #: Accepted algorithms: an explicit allowlist ("none" is never accepted).
@@ -72,7 +74,7 @@ class AuthConfig(_Section):
     leeway: float = 5.0
 
 
-class StoreConfig(_Section):
+class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     backend: Literal["sqlite", "mongodb"] = "sqlite"
     #: SQLite: the database file is ``<data_dir>/<filename>``.
     data_dir: str = "data"
@@ -90,7 +92,7 @@ class StoreConfig(_Section):
     cleanup_interval: float = 600.0
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: "json" (one object per line), "console" (coloured, for people), or
     #: "auto": console on a TTY, JSON otherwise.
     format: Literal["auto", "json", "console"] = "auto"
@@ -101,7 +103,7 @@ class LoggingConfig(_Section):
     metrics_interval: float = 60.0
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: Inbound frames per connection per second, with this much burst.
     frames_per_second: float = 50.0
     frame_burst: int = 100
@@ -118,14 +120,14 @@ class LimitsConfig(_Section):
     max_replay: int = 5000
 
 
-class PluginsConfig(_Section):
+class PluginsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: Names of entry points in the ``rtserver.plugins`` group to load.
     enabled: tuple[str, ...] = ("registration", "notifications", "admin")
     #: Free-form settings per plugin, handed to the plugin by name.
     settings: dict[str, dict[str, Any]] = {}
 
 
-class Config(_Section):
+class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     store: StoreConfig = StoreConfig()
@@ -163,20 +165,6 @@ def _expand(value: Any, path: str) -> Any:
     return value
 
 
-def _friendly(err: msgspec.ValidationError) -> str:
-    # msgspec says e.g. "Object contains unknown field `portt` - at `$.server`".
-    msg = str(err)
-    m = re.match(r"(.*) - at `\$\.?(.*)`$", msg)
-    if not m:
-        return msg
-    text, where = m.groups()
-    unknown = re.match(r"Object contains unknown field `(.+)`", text)
-    if unknown:
-        key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
-        return f"{key}: unknown key"
-    return f"{where}: {text[0].lower()}{text[1:]}"
-
-
 def parse_config(raw: Any, *, source: str = "<config>") -> Config:
     """Validate a mapping (already read from YAML) into a ``Config``."""
     if raw is None:
@@ -186,7 +174,7 @@ def parse_config(raw: Any, *, source: str = "<config>") -> Config:
     try:
         config = msgspec.convert(_expand(raw, ""), Config, strict=True)
     except msgspec.ValidationError as err:
-        raise ConfigError(f"{source}: {_friendly(err)}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     check_config(config, source=source)
@@ -218,9 +206,7 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {name}: must be positive")
     unknown = set(config.plugins.settings) - set(config.plugins.enabled)
     if unknown:
-        raise ConfigError(
-            f"{source}: plugins.settings.{sorted(unknown)[0]}: plugin is not enabled"
-        )
+        raise ConfigError(f"{source}: plugins.settings.{sorted(unknown)[0]}: plugin is not enabled")
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -85,7 +85,9 @@ class Delivery:
             self._kinds["broadcast"].inc(n)
         return n
 
-    def replay(self, conn: Connection, notifications_wire: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    def replay(
+        self, conn: Connection, notifications_wire: list[tuple[str, dict[str, Any]]]
+    ) -> list[str]:
         """Offline delivery: write a backlog page to a replaying connection;
         returns the ids written."""
         written = [

@@ -139,7 +139,9 @@ class Hub:
 
     # -- sending ----------------------------------------------------------
 
-    def make_notification(self, user_id: str | None, payload: Any, *, broadcast: bool = False) -> Notification:
+    def make_notification(
+        self, user_id: str | None, payload: Any, *, broadcast: bool = False
+    ) -> Notification:
         """Validate ``payload`` against the limits; raises ``ProtocolError``."""
         limits = self.config.limits
         return build_notification(
@@ -187,7 +189,9 @@ class Hub:
         limits = self.config.limits
         if len(encode_json(payload)) > limits.max_notification_bytes:
             raise ProtocolError("too_large", "message: over the size limit", status=413)
-        check_shape(payload, max_depth=limits.max_depth, max_fields=limits.max_fields, where="message")
+        check_shape(
+            payload, max_depth=limits.max_depth, max_fields=limits.max_fields, where="message"
+        )
         return 1 if self.delivery.to_session(session_id, "message", payload) else 0
 
     async def send_broadcast_notification(self, payload: dict[str, Any]) -> int:
@@ -233,7 +237,9 @@ class Hub:
         except StoreError:
             self.sessions.unregister(connection)
             connection.end_replay()
-            raise ProtocolError(UNAVAILABLE, "the store is unavailable; try again", status=503) from None
+            raise ProtocolError(
+                UNAVAILABLE, "the store is unavailable; try again", status=503
+            ) from None
 
         async def replay() -> None:
             try:
@@ -369,16 +375,24 @@ class ThreadSafeAPI:
             raise RuntimeError("the server is not running")
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
-    def send_notification(self, user_id: str, payload: dict[str, Any]) -> concurrent.futures.Future[SendResult]:
+    def send_notification(
+        self, user_id: str, payload: dict[str, Any]
+    ) -> concurrent.futures.Future[SendResult]:
         return self._submit(self._hub.send_notification(user_id, payload))
 
-    def send_direct_message(self, session_id: str, payload: dict[str, Any]) -> concurrent.futures.Future[int]:
+    def send_direct_message(
+        self, session_id: str, payload: dict[str, Any]
+    ) -> concurrent.futures.Future[int]:
         return self._submit(self._hub.send_direct_message(session_id, payload))
 
-    def send_broadcast_notification(self, payload: dict[str, Any]) -> concurrent.futures.Future[int]:
+    def send_broadcast_notification(
+        self, payload: dict[str, Any]
+    ) -> concurrent.futures.Future[int]:
         return self._submit(self._hub.send_broadcast_notification(payload))
 
-    def save_notification(self, user_id: str, payload: dict[str, Any]) -> concurrent.futures.Future[Notification]:
+    def save_notification(
+        self, user_id: str, payload: dict[str, Any]
+    ) -> concurrent.futures.Future[Notification]:
         return self._submit(self._hub.save_notification(user_id, payload))
 
     def get_notifications_for_user(

@@ -12,7 +12,7 @@ class TokenBucket:
     will be available (the ``retry_after`` a client is told).
     """
 
-    __slots__ = ("rate", "burst", "_tokens", "_stamp")
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate

@@ -37,8 +37,14 @@ def _orjson_dumps(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=repr).decode()
 
 
-def configure_logging(config: LoggingConfig, stream: IO[str] | None = None) -> None:
-    """Route structlog and stdlib logging to ``stream`` (stdout by default)."""
+def configure_logging(
+    config: LoggingConfig, stream: IO[str] | None = None, *, cache: bool = True
+) -> None:
+    """Route structlog and stdlib logging to ``stream`` (stdout by default).
+
+    ``cache=False`` keeps loggers re-reading the configuration, which
+    ``structlog.testing.capture_logs`` needs.
+    """
     stream = stream or sys.stdout
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -65,7 +71,7 @@ def configure_logging(config: LoggingConfig, stream: IO[str] | None = None) -> N
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,

@@ -74,7 +74,9 @@ class Metrics:
             registry=r,
         )
         self.rate_limited = Counter(
-            "rtserver_rate_limited", "Requests refused by a rate limit, by limit", ["limit"],
+            "rtserver_rate_limited",
+            "Requests refused by a rate limit, by limit",
+            ["limit"],
             registry=r,
         )
         self.outbound_bytes = Gauge(

@@ -171,7 +171,9 @@ class Plugins:
         for plugin, specs in self._each("rtserver_events", config=self.config):
             for spec in specs or ():
                 if not isinstance(spec, EventHandler):
-                    raise PluginError(f"plugin {plugin!r}: rtserver_events must return EventHandler")
+                    raise PluginError(
+                        f"plugin {plugin!r}: rtserver_events must return EventHandler"
+                    )
                 if spec.event in events:
                     raise PluginError(
                         f"event {spec.event!r} is claimed by both plugin"

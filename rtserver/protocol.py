@@ -108,7 +108,7 @@ _any_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-def _validation_message(err: msgspec.ValidationError, root: str) -> str:
+def describe_validation_error(err: msgspec.ValidationError, root: str = "") -> str:
     """msgspec's "Expected `int`, got `str` - at `$.data.limit`" as
     "data.limit: expected `int`, got `str`", with the path under ``root``."""
     text = str(err)
@@ -116,14 +116,18 @@ def _validation_message(err: msgspec.ValidationError, root: str) -> str:
     if not sep:
         msg, where = text, ""
     where = where.rstrip("`").lstrip(".")
-    path = f"{root}.{where}" if where else root
+    path = f"{root}.{where}" if root and where else where or root
     missing = re.match(r"Object missing required field `(.+)`", msg)
     if missing:
-        return f"{path}.{missing.group(1)}: required"
+        return f"{_join(path, missing.group(1))}: required"
     unknown = re.match(r"Object contains unknown field `(.+)`", msg)
     if unknown:
-        return f"{path}.{unknown.group(1)}: unknown field"
-    return f"{path}: {msg[0].lower()}{msg[1:]}"
+        return f"{_join(path, unknown.group(1))}: unknown key"
+    return f"{path or 'value'}: {msg[0].lower()}{msg[1:]}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 def decode_frame(text: str | bytes) -> InboundFrame:
@@ -136,7 +140,7 @@ def decode_frame(text: str | bytes) -> InboundFrame:
     try:
         frame = _frame_decoder.decode(text)
     except msgspec.ValidationError as err:
-        raise ProtocolError(BAD_REQUEST, _validation_message(err, "frame")) from None
+        raise ProtocolError(BAD_REQUEST, describe_validation_error(err, "frame")) from None
     except msgspec.DecodeError as err:
         raise ProtocolError(BAD_REQUEST, f"invalid JSON: {err}") from None
     except RecursionError:
@@ -164,7 +168,7 @@ def decode_data(raw: msgspec.Raw, schema: type[T]) -> T:
     try:
         return msgspec.json.decode(raw, type=schema)
     except msgspec.ValidationError as err:
-        raise ProtocolError(BAD_REQUEST, _validation_message(err, "data")) from None
+        raise ProtocolError(BAD_REQUEST, describe_validation_error(err, "data")) from None
     except msgspec.DecodeError as err:
         raise ProtocolError(BAD_REQUEST, f"invalid JSON: {err}") from None
     except RecursionError:

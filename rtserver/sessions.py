@@ -40,23 +40,23 @@ class Connection:
     """
 
     __slots__ = (
-        "session_id",
-        "user_id",
-        "role",
-        "claims",
-        "remote_ip",
-        "connected_at",
-        "registered_at",
-        "expires_at",
-        "closed",
-        "close_reason",
-        "_transport",
+        "_after_reply",
         "_replay_queue",
         "_replayed",
-        "_after_reply",
+        "_transport",
+        "claims",
+        "close_reason",
+        "closed",
+        "connected_at",
+        "expires_at",
         "in_dispatch",
         "on_slow",
+        "registered_at",
+        "remote_ip",
+        "role",
+        "session_id",
         "state",
+        "user_id",
     )
 
     def __init__(self, transport: Transport, remote_ip: str | None) -> None:

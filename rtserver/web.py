@@ -134,10 +134,16 @@ class Dispatcher:
             self.error(conn, frame_id, err)
         except StoreError as err:
             log.warning("store.unavailable", error=str(err))
-            self.error(conn, frame_id, ProtocolError(UNAVAILABLE, "the store is unavailable; try again"))
+            self.error(
+                conn, frame_id, ProtocolError(UNAVAILABLE, "the store is unavailable; try again")
+            )
         except Exception:
             log.exception("handler.failed")
-            self.error(conn, frame_id, ProtocolError(INTERNAL_ERROR, "the server failed to handle this event"))
+            self.error(
+                conn,
+                frame_id,
+                ProtocolError(INTERNAL_ERROR, "the server failed to handle this event"),
+            )
         finally:
             conn.in_dispatch = False
             for callback in conn.take_after_reply():
@@ -193,7 +199,11 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
 
     def _on_slow(self, conn: Connection) -> None:
         self.hub.metrics.slow_disconnects.inc()
-        log.warning("connection.slow_client", user_id=conn.user_id, limit=self.hub.config.server.max_outbound_bytes)
+        log.warning(
+            "connection.slow_client",
+            user_id=conn.user_id,
+            limit=self.hub.config.server.max_outbound_bytes,
+        )
 
     def _fire(self, hook: str) -> None:
         try:
@@ -211,7 +221,9 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
             return None
         if isinstance(message, bytes):
             self.dispatcher.error(
-                conn, None, ProtocolError(UNSUPPORTED, "binary frames are not supported; send JSON text")
+                conn,
+                None,
+                ProtocolError(UNSUPPORTED, "binary frames are not supported; send JSON text"),
             )
             return None
         return self.dispatcher.dispatch(conn, message, self.bucket)
@@ -245,7 +257,7 @@ class APIHandler(tornado.web.RequestHandler):
 
     def initialize(self, hub: Hub, **kwargs: Any) -> None:
         self.hub = hub
-        self.options = kwargs
+        self.route_options = kwargs
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -312,10 +324,18 @@ class APIHandler(tornado.web.RequestHandler):
         if isinstance(exc, ProtocolError):
             err = exc
         elif isinstance(exc, StoreError):
-            err = ProtocolError(UNAVAILABLE, "the store is unavailable; the notification was not accepted", status=503)
+            err = ProtocolError(
+                UNAVAILABLE,
+                "the store is unavailable; the notification was not accepted",
+                status=503,
+            )
         elif isinstance(exc, tornado.web.HTTPError):
             err = ProtocolError(
-                "not_found" if exc.status_code == 404 else BAD_REQUEST if exc.status_code < 500 else INTERNAL_ERROR,
+                "not_found"
+                if exc.status_code == 404
+                else BAD_REQUEST
+                if exc.status_code < 500
+                else INTERNAL_ERROR,
                 exc.reason or self._reason,
                 status=exc.status_code,
             )

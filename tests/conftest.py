@@ -22,7 +22,7 @@ from rtserver.log import configure_logging
 
 SECRET = "test-secret-0123456789-0123456789-abcdef"
 
-configure_logging(LoggingConfig(format="json", level="info"))
+configure_logging(LoggingConfig(format="json", level="info"), cache=False)
 
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:

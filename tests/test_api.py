@@ -62,14 +62,16 @@ class TestPythonAPI:
 
         thread = threading.Thread(target=worker)
         thread.start()
-        while thread.is_alive():
+        while thread.is_alive():  # noqa: ASYNC110 (a thread, not a task)
             await asyncio.sleep(0.01)
         assert results == [1, [tab.session_id]]
         assert (await tab.next("notification"))["message"] == "from a thread"
 
 
 class TestSessions:
-    async def test_user_holds_many_sessions_and_closing_one_keeps_others(self, server: Running) -> None:
+    async def test_user_holds_many_sessions_and_closing_one_keeps_others(
+        self, server: Running
+    ) -> None:
         """Two tabs of a user both receive; after one closes the other still does."""
         tab1, tab2 = await server.user("multi"), await server.user("multi")
         assert set(server.hub.get_user_sessions("multi")) == {tab1.session_id, tab2.session_id}

@@ -12,7 +12,9 @@ class TestSend:
         """POST /api/notifications/{user} answers 201 with the notification and N reached."""
         tab1, tab2 = await server.user("ann"), await server.user("ann")
         status, body = await server.http(
-            "POST", "/api/notifications/ann", {"message": "Case updated", "case_id": 7},
+            "POST",
+            "/api/notifications/ann",
+            {"message": "Case updated", "case_id": 7},
             token=server.token("svc", "publisher"),
         )
         assert status == 201
@@ -24,7 +26,10 @@ class TestSend:
     async def test_offline_user_gets_it_stored(self, server: Running) -> None:
         """With no live session the notification is stored (delivered 0) for later."""
         status, body = await server.http(
-            "POST", "/api/notifications/zed", {"message": "later"}, token=server.token("svc", "admin")
+            "POST",
+            "/api/notifications/zed",
+            {"message": "later"},
+            token=server.token("svc", "admin"),
         )
         assert (status, body["delivered"]) == (201, 0)
         stored = await server.hub.get_notifications_for_user("zed")
@@ -34,10 +39,14 @@ class TestSend:
         ("token_role", "status", "code"),
         [(None, 401, "unauthorized"), ("user", 403, "forbidden")],
     )
-    async def test_send_needs_publisher(self, server: Running, token_role: str | None, status: int, code: str) -> None:
+    async def test_send_needs_publisher(
+        self, server: Running, token_role: str | None, status: int, code: str
+    ) -> None:
         """No token is 401; a user token is 403; nothing is stored."""
         token = server.token("mallory", token_role) if token_role else None
-        got, body = await server.http("POST", "/api/notifications/ann", {"message": "x"}, token=token)
+        got, body = await server.http(
+            "POST", "/api/notifications/ann", {"message": "x"}, token=token
+        )
         assert got == status
         assert body["error"]["code"] == code and body["error"]["message"]
         assert await server.hub.get_notifications_for_user("ann") == []
@@ -53,7 +62,9 @@ class TestSend:
             (b'{"message": "' + b"x" * 20000 + b'"}', 413, "limit"),
         ],
     )
-    async def test_bad_bodies(self, server: Running, payload: bytes, status: int, fragment: str) -> None:
+    async def test_bad_bodies(
+        self, server: Running, payload: bytes, status: int, fragment: str
+    ) -> None:
         """Invalid notification bodies get a clear error and are not stored."""
         got, body = await server.http(
             "POST", "/api/notifications/ann", raw=payload, token=server.token("svc", "publisher")
@@ -68,7 +79,9 @@ class TestSessionMessages:
         """POST /api/sessions/{id}/messages reaches that session only."""
         tab = await server.user("bea")
         status, body = await server.http(
-            "POST", f"/api/sessions/{tab.session_id}/messages", {"message": "restart soon"},
+            "POST",
+            f"/api/sessions/{tab.session_id}/messages",
+            {"message": "restart soon"},
             token=server.token("svc", "publisher"),
         )
         assert (status, body) == (200, {"delivered": 1})
@@ -77,7 +90,10 @@ class TestSessionMessages:
     async def test_unknown_session_is_404(self, server: Running) -> None:
         """A session that is not connected is 404."""
         status, body = await server.http(
-            "POST", "/api/sessions/nope/messages", {"message": "x"}, token=server.token("svc", "publisher")
+            "POST",
+            "/api/sessions/nope/messages",
+            {"message": "x"},
+            token=server.token("svc", "publisher"),
         )
         assert status == 404 and body["error"]["code"] == "not_found"
 
@@ -87,7 +103,10 @@ class TestBroadcast:
         """POST /api/broadcast (admin) reaches every session."""
         a, b = await server.user("a"), await server.user("b")
         status, body = await server.http(
-            "POST", "/api/broadcast", {"message": "maintenance", "type": "warning"}, token=server.token("root", "admin")
+            "POST",
+            "/api/broadcast",
+            {"message": "maintenance", "type": "warning"},
+            token=server.token("root", "admin"),
         )
         assert (status, body) == (200, {"delivered": 2})
         assert (await a.next("notification"))["broadcast"] is True
@@ -96,7 +115,9 @@ class TestBroadcast:
     @pytest.mark.parametrize("role", ["user", "publisher"])
     async def test_non_admin_cannot_broadcast(self, server: Running, role: str) -> None:
         """Only admin broadcasts."""
-        status, body = await server.http("POST", "/api/broadcast", {"message": "x"}, token=server.token("p", role))
+        status, body = await server.http(
+            "POST", "/api/broadcast", {"message": "x"}, token=server.token("p", role)
+        )
         assert status == 403 and body["error"]["code"] == "forbidden"
 
 
@@ -106,7 +127,9 @@ class TestHistory:
         for i in range(3):
             await server.hub.send_notification("cat", {"message": str(i)})
         status, body = await server.http(
-            "GET", "/api/users/cat/notifications?unread_only=true&limit=2", token=server.token("cat")
+            "GET",
+            "/api/users/cat/notifications?unread_only=true&limit=2",
+            token=server.token("cat"),
         )
         assert status == 200
         assert [n["message"] for n in body["notifications"]] == ["2", "1"]
@@ -114,18 +137,24 @@ class TestHistory:
     async def test_other_users_history_is_forbidden(self, server: Running) -> None:
         """A user cannot read someone else's notifications."""
         await server.hub.send_notification("cat", {"message": "secret"})
-        status, _ = await server.http("GET", "/api/users/cat/notifications", token=server.token("dog"))
+        status, _ = await server.http(
+            "GET", "/api/users/cat/notifications", token=server.token("dog")
+        )
         assert status == 403
 
     async def test_publisher_reads_any_history(self, server: Running) -> None:
         """Publishers and admins may read any user's history."""
         await server.hub.send_notification("cat", {"message": "m"})
-        status, body = await server.http("GET", "/api/users/cat/notifications", token=server.token("svc", "publisher"))
+        status, body = await server.http(
+            "GET", "/api/users/cat/notifications", token=server.token("svc", "publisher")
+        )
         assert status == 200 and len(body["notifications"]) == 1
 
     async def test_bad_limit(self, server: Running) -> None:
         """limit outside 1..500 is a 400."""
-        status, body = await server.http("GET", "/api/users/cat/notifications?limit=9999", token=server.token("cat"))
+        status, body = await server.http(
+            "GET", "/api/users/cat/notifications?limit=9999", token=server.token("cat")
+        )
         assert status == 400 and "limit" in body["error"]["message"]
 
 
@@ -134,7 +163,9 @@ class TestTestRoute:
         """The seed's curl example works where test routes are enabled."""
         tab = await server.user("user123")
         status, body = await server.http(
-            "POST", "/api/test/notification/user123", {"message": "Test notification", "type": "info"}
+            "POST",
+            "/api/test/notification/user123",
+            {"message": "Test notification", "type": "info"},
         )
         assert status == 201 and body["delivered"] == 1
         assert (await tab.next("notification"))["message"] == "Test notification"

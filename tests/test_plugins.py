@@ -58,7 +58,10 @@ class TestLoading:
     def test_two_plugins_claiming_one_event_stop_startup(self, tmp_path: Path) -> None:
         """An event claimed twice is a clear error naming both plugins."""
         dup = events(EventHandler("register", lambda ctx, data: {}))
-        with pytest.raises(PluginError, match="'register' is claimed by both plugin 'registration' and plugin 'dup'"):
+        with pytest.raises(
+            PluginError,
+            match="'register' is claimed by both plugin 'registration' and plugin 'dup'",
+        ):
             make_app(make_config(tmp_path), plugins=[("dup", dup)])
 
     def test_misspelled_hook_stops_startup(self, tmp_path: Path) -> None:
@@ -86,7 +89,9 @@ class TestDispatch:
             rtserver_events=lambda config: [EventHandler("ping", ping)],
             rtserver_startup=lambda hub: seen.append("startup"),
             rtserver_connect=lambda hub, connection: seen.append("connect"),
-            rtserver_disconnect=lambda hub, connection: seen.append(f"disconnect:{connection.user_id}"),
+            rtserver_disconnect=lambda hub, connection: seen.append(
+                f"disconnect:{connection.user_id}"
+            ),
             rtserver_shutdown=lambda hub: seen.append("shutdown"),
         )
         srv = await start_server(extra_plugins=[("pinger", p)])
@@ -99,7 +104,9 @@ class TestDispatch:
             await asyncio.sleep(0.01)
         assert seen == ["startup", "connect", "disconnect:pat"]
 
-    async def test_raising_handler_gets_internal_error_and_harms_nothing(self, start_server: StartServer) -> None:
+    async def test_raising_handler_gets_internal_error_and_harms_nothing(
+        self, start_server: StartServer
+    ) -> None:
         """A handler that raises: its caller gets internal_error, the traceback is
         logged, the connection and other sessions carry on."""
 
@@ -135,8 +142,18 @@ def installed_echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """pip-install the sample plugin package (tests/sample_plugin) into a target dir."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT / "tests" / "sample_plugin")],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "tests" / "sample_plugin"),
+        ],
         check=True,
         capture_output=True,
     )
@@ -147,14 +164,22 @@ def installed_echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     sys.modules.pop("rtserver_echo", None)
 
 
-async def test_external_plugin_package_over_websocket(installed_echo: Path, start_server: StartServer) -> None:
+async def test_external_plugin_package_over_websocket(
+    installed_echo: Path, start_server: StartServer
+) -> None:
     """An installed package with an rtserver.plugins entry point adds an event and
     a route, configured by name, without touching the core."""
     srv = await start_server(
-        plugins={"enabled": ["registration", "notifications", "admin", "echo"], "settings": {"echo": {"prefix": ">"}}}
+        plugins={
+            "enabled": ["registration", "notifications", "admin", "echo"],
+            "settings": {"echo": {"prefix": ">"}},
+        }
     )
     client = await srv.user("ext")
-    assert await client.request("echo", {"text": "ab", "times": 2}) == {"text": ">abab", "user_id": "ext"}
+    assert await client.request("echo", {"text": "ab", "times": 2}) == {
+        "text": ">abab",
+        "user_id": "ext",
+    }
     with pytest.raises(ClientError) as err:
         await client.request("echo", {"text": 5})
     assert err.value.code == "bad_request" and "data.text" in err.value.message

@@ -60,7 +60,9 @@ class TestRegister:
 
 
 class TestOfflineDelivery:
-    async def test_stored_notifications_arrive_oldest_first_after_ack(self, server: Running) -> None:
+    async def test_stored_notifications_arrive_oldest_first_after_ack(
+        self, server: Running
+    ) -> None:
         """Notifications sent while offline are pushed after register, oldest first."""
         for i in range(3):
             await server.hub.send_notification("bob", {"message": f"m{i}"})
@@ -107,7 +109,9 @@ class TestOfflineDelivery:
 
         await asyncio.gather(client.register(server.token("dave")), sender())
         got = [(await client.next("notification"))["message"] for _ in range(40)]
-        assert sorted(got) == sorted([f"old{i}" for i in range(20)] + [f"new{i}" for i in range(20)])
+        assert sorted(got) == sorted(
+            [f"old{i}" for i in range(20)] + [f"new{i}" for i in range(20)]
+        )
         assert got[:20] == [f"old{i}" for i in range(20)]
         assert [m for m in got if m.startswith("new")] == [f"new{i}" for i in range(20)]
         await asyncio.sleep(0.1)
@@ -156,7 +160,10 @@ class TestHistory:
     async def test_newest_first_with_limit_and_before(self, server: Running) -> None:
         """get_notifications pages newest first with limit and before."""
         client = await server.user("gina")
-        ids = [(await server.hub.send_notification("gina", {"message": str(i)})).notification.id for i in range(5)]
+        ids = [
+            (await server.hub.send_notification("gina", {"message": str(i)})).notification.id
+            for i in range(5)
+        ]
         page = await client.get_notifications(limit=2)
         assert [n["id"] for n in page] == [ids[4], ids[3]]
         page = await client.get_notifications(limit=2, before=ids[3])
@@ -185,7 +192,13 @@ class TestPushes:
         """A push has id, user_id, message, type, created_at (ISO UTC), read, and extras."""
         client = await server.user("hank")
         await server.hub.send_notification(
-            "hank", {"message": "Form submitted", "type": "success", "form_id": 42, "category": "immigration"}
+            "hank",
+            {
+                "message": "Form submitted",
+                "type": "success",
+                "form_id": 42,
+                "category": "immigration",
+            },
         )
         note = await client.next("notification")
         assert note["message"] == "Form submitted"
@@ -199,7 +212,9 @@ class TestPushes:
         """Broadcasts carry broadcast: true and reach all users, not unregistered sockets."""
         a, b = await server.user("u1"), await server.user("u2")
         anon = await server.connect()
-        n = await server.hub.send_broadcast_notification({"message": "maintenance", "type": "warning"})
+        n = await server.hub.send_broadcast_notification(
+            {"message": "maintenance", "type": "warning"}
+        )
         assert n == 2
         for c in (a, b):
             note = await c.next("notification")
@@ -254,7 +269,11 @@ class TestBadInput:
         client = await server.user("jo")
         await client.send_raw(json.dumps({"event": "nope", "id": "abc"}))
         frame = await client.next()
-        assert frame == {"event": "error", "id": "abc", "data": {"code": "unknown_event", "message": "unknown event 'nope'"}}
+        assert frame == {
+            "event": "error",
+            "id": "abc",
+            "data": {"code": "unknown_event", "message": "unknown event 'nope'"},
+        }
 
     async def test_error_reply_keeps_id_of_invalid_frame(self, server: Running) -> None:
         """A frame that fails validation still gets its id back."""

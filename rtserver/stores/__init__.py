@@ -16,6 +16,6 @@ def make_store(config: StoreConfig) -> Store:
         from rtserver.stores.sqlite import SQLiteStore
 
         return SQLiteStore(Path(config.data_dir) / config.filename)
-    from rtserver.stores.mongodb import MongoStore  # noqa: PLC0415
+    from rtserver.stores.mongodb import MongoStore
 
     return MongoStore(config)

@@ -234,7 +234,9 @@ class SQLiteStore(Store):
 
     # -- reads ------------------------------------------------------------
 
-    async def _select(self, where: str, params: tuple[Any, ...], order: str, limit: int) -> list[Notification]:
+    async def _select(
+        self, where: str, params: tuple[Any, ...], order: str, limit: int
+    ) -> list[Notification]:
         sql = f"SELECT {_COLUMNS} FROM notifications WHERE {where} ORDER BY {order} LIMIT ?"
         limit = max(0, min(limit, MAX_PAGE))
         rows = await self._run(lambda db: db.execute(sql, (*params, limit)).fetchall())

@@ -15,7 +15,9 @@ from rtserver.stores.base import Store
 _ids = IdGenerator()
 
 
-def note(user_id: str, message: str = "m", *, created_at: float | None = None, **extra: object) -> Notification:
+def note(
+    user_id: str, message: str = "m", *, created_at: float | None = None, **extra: object
+) -> Notification:
     return Notification(
         id=_ids(),
         user_id=user_id,
@@ -33,7 +35,13 @@ class StoreSuite:
         await store.insert(n)
         got = await store.get("u", n.id)
         assert got is not None
-        assert (got.id, got.user_id, got.message, got.type, got.read) == (n.id, "u", "hello", "info", False)
+        assert (got.id, got.user_id, got.message, got.type, got.read) == (
+            n.id,
+            "u",
+            "hello",
+            "info",
+            False,
+        )
         assert got.extra == {"form_id": 5, "nested": {"a": [1, 2]}}
         assert abs(got.created_at - n.created_at) < 0.002
 

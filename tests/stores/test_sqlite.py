@@ -34,9 +34,18 @@ class TestSQLiteStore(StoreSuite):
     @pytest.mark.parametrize(
         ("sql", "index"),
         [
-            ("SELECT * FROM notifications WHERE user_id = 'u' AND read = 0 ORDER BY id DESC LIMIT 50", "notifications_user_read_id"),
-            ("SELECT count(*) FROM notifications WHERE user_id = 'u' AND read = 0", "notifications_user_read_id"),
-            ("SELECT * FROM notifications WHERE user_id = 'u' AND delivered_at IS NULL ORDER BY id ASC LIMIT 500", "notifications_undelivered"),
+            (
+                "SELECT * FROM notifications WHERE user_id = 'u' AND read = 0 ORDER BY id DESC LIMIT 50",
+                "notifications_user_read_id",
+            ),
+            (
+                "SELECT count(*) FROM notifications WHERE user_id = 'u' AND read = 0",
+                "notifications_user_read_id",
+            ),
+            (
+                "SELECT * FROM notifications WHERE user_id = 'u' AND delivered_at IS NULL ORDER BY id ASC LIMIT 500",
+                "notifications_undelivered",
+            ),
             ("DELETE FROM notifications WHERE created_at < 5", "notifications_created"),
         ],
     )
@@ -52,7 +61,9 @@ class TestSQLiteStore(StoreSuite):
         original = store._run
 
         async def spy(fn):  # type: ignore[no-untyped-def]
-            return await original(lambda db: (seen.append(threading.current_thread().name), fn(db))[1])
+            return await original(
+                lambda db: (seen.append(threading.current_thread().name), fn(db))[1]
+            )
 
         store._run = spy  # type: ignore[method-assign]
         ticks = 0

@@ -1,0 +1,186 @@
+"""The wire format and its codec, both ways; the config loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rtserver.config import DEV_SECRET, ConfigError, load_config, parse_config
+from rtserver.protocol import (
+    IdGenerator,
+    ProtocolError,
+    build_notification,
+    check_shape,
+    decode_frame,
+    encode,
+    ws_text_frame,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TestFrames:
+    def test_encode_then_decode(self) -> None:
+        """An encoded frame decodes back to the same event, data and id."""
+        raw = encode("ping", {"n": 1}, "abc")
+        frame = decode_frame(raw)
+        assert (frame.event, json.loads(bytes(frame.data)), frame.id) == ("ping", {"n": 1}, "abc")
+
+    def test_push_has_no_id(self) -> None:
+        """Pushes encode without an id key."""
+        assert json.loads(encode("notification", {})) == {"event": "notification", "data": {}}
+
+    def test_data_defaults_to_empty_object(self) -> None:
+        """A frame without data decodes with data {}."""
+        assert bytes(decode_frame('{"event": "x"}').data) == b"{}"
+
+    @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+    def test_ws_text_frame_lengths(self, size: int) -> None:
+        """Frame headers use the 7-bit, 16-bit and 64-bit length forms (RFC 6455)."""
+        payload = b"x" * size
+        framed = ws_text_frame(payload)
+        assert framed[0] == 0x81
+        length = framed[1] & 0x7F
+        if size < 126:
+            assert length == size and framed[2:] == payload
+        elif size <= 0xFFFF:
+            assert length == 126 and int.from_bytes(framed[2:4], "big") == size
+        else:
+            assert length == 127 and int.from_bytes(framed[2:10], "big") == size
+        assert framed.endswith(payload)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.one_of(
+            st.text(),
+            st.binary().map(lambda b: b.decode("latin-1")),
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.text(),
+                lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+                max_leaves=20,
+            ).map(json.dumps),
+        )
+    )
+    def test_decoder_never_raises_anything_but_protocol_error(self, text: str) -> None:
+        """Random input either decodes or raises ProtocolError with a known code."""
+        try:
+            frame = decode_frame(text)
+        except ProtocolError as err:
+            assert err.code in ("bad_request", "too_large")  # noqa: PT017
+            assert err.message  # noqa: PT017
+        else:
+            assert isinstance(frame.event, str) and frame.event
+
+
+class TestNotifications:
+    def build(self, payload: object, **kw: int) -> object:
+        return build_notification(
+            payload,
+            user_id="u",
+            notification_id="id1",
+            created_at=0.0,
+            max_bytes=kw.get("max_bytes", 1000),
+            max_depth=kw.get("max_depth", 4),
+            max_fields=kw.get("max_fields", 8),
+        )
+
+    def test_wire_form_keeps_extras_and_server_fields_win(self) -> None:
+        """Extras are delivered; id/user_id/created_at/read come from the server."""
+        n = build_notification(
+            {"message": "m", "category": "c"},
+            user_id="u",
+            notification_id="id1",
+            created_at=0.0,
+            max_bytes=1000,
+            max_depth=4,
+            max_fields=8,
+        )
+        assert n.to_wire() == {
+            "category": "c",
+            "id": "id1",
+            "user_id": "u",
+            "message": "m",
+            "type": "info",
+            "created_at": "1970-01-01T00:00:00.000Z",
+            "read": False,
+        }
+
+    @pytest.mark.parametrize(
+        ("payload", "code"),
+        [
+            ({"message": ""}, "bad_request"),
+            ({"message": "m", "read": True}, "bad_request"),
+            ({"message": "m", "a": {"b": {"c": {"d": {}}}}}, "too_large"),
+            ({"message": "m", **{f"k{i}": i for i in range(10)}}, "too_large"),
+            ({"message": "x" * 2000}, "too_large"),
+        ],
+    )
+    def test_limits(self, payload: dict, code: str) -> None:  # type: ignore[type-arg]
+        """Empty message, reserved fields, depth, width and size are refused."""
+        with pytest.raises(ProtocolError) as err:
+            self.build(payload)
+        assert err.value.code == code
+
+    def test_check_shape_counts_lists_toward_depth(self) -> None:
+        """Lists nest too."""
+        check_shape([[1]], max_depth=2, max_fields=1)
+        with pytest.raises(ProtocolError):
+            check_shape([[[1]]], max_depth=2, max_fields=1)
+
+    def test_ids_sort_in_creation_order(self) -> None:
+        """IdGenerator ids are unique and sort as they were made."""
+        gen = IdGenerator()
+        ids = [gen() for _ in range(5000)]
+        assert ids == sorted(ids) and len(set(ids)) == 5000 and all(len(i) == 24 for i in ids)
+
+
+class TestConfig:
+    def test_shipped_configs_parse(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """default.yaml loads as is; prod.yaml loads once its environment is set."""
+        assert load_config(ROOT / "config" / "default.yaml").store.backend == "sqlite"
+        monkeypatch.setenv("RTSERVER_SECRET", "s" * 40)
+        monkeypatch.setenv("RTSERVER_MONGODB_URI", "mongodb://db.internal:27017")
+        prod = load_config(ROOT / "config" / "prod.yaml")
+        assert (prod.store.backend, prod.server.test_routes, prod.auth.issuer) == (
+            "mongodb",
+            False,
+            None,
+        )
+
+    @pytest.mark.parametrize(
+        ("raw", "message"),
+        [
+            ({"server": {"portt": 1}}, "server.portt: unknown key"),
+            ({"server": {"port": "eighty"}}, "server.port: expected `int`, got `str`"),
+            ({"bogus": {}}, "bogus: unknown key"),
+            ({"auth": {"secret": None}}, "auth.secret: required when HS256 is allowed"),
+            (
+                {"server": {"environment": "production"}, "auth": {"secret": DEV_SECRET}},
+                "auth.secret: the development secret",
+            ),
+            ({"store": {"backend": "mongodb"}, "auth": {"secret": "x"}}, "store.uri: required"),
+            (
+                {"auth": {"secret": "${RTSERVER_TEST_UNSET_VAR}"}},
+                "auth.secret: environment variable RTSERVER_TEST_UNSET_VAR is not set",
+            ),
+        ],
+    )
+    def test_bad_config_names_the_key(self, raw: dict, message: str) -> None:  # type: ignore[type-arg]
+        """One clear message naming the offending key."""
+        raw.setdefault("auth", {}).setdefault("secret", "x" * 40)
+        with pytest.raises(ConfigError) as err:
+            parse_config(raw, source="test.yaml")
+        assert str(err.value).startswith("test.yaml: ")
+        assert message in str(err.value)
+
+    def test_config_is_frozen(self) -> None:
+        """Config objects cannot be changed after loading."""
+        cfg = parse_config({"auth": {"secret": "x"}})
+        with pytest.raises(AttributeError):
+            cfg.server.port = 1  # type: ignore[misc]
+        assert isinstance(msgspec.to_builtins(cfg), dict)

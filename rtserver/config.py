@@ -88,8 +88,17 @@ class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: Read notifications older than this (since being read) are removed; None
     #: keeps them for ``retention_days``.
     read_retention_days: float | None = 7.0
-    #: How often the embedded store purges expired notifications (seconds).
+    #: How often the server purges expired notifications (seconds). MongoDB
+    #: also expires them by itself through TTL indexes.
     cleanup_interval: float = 600.0
+    #: MongoDB: notifications accepted while the database is unreachable wait
+    #: in a buffer of this many; when it is full the API answers 503.
+    buffer_size: int = 10000
+    #: MongoDB: retry delays (exponential backoff with full jitter), seconds.
+    retry_base: float = 0.1
+    retry_max: float = 5.0
+    #: MongoDB: how long one operation waits for a reachable server (seconds).
+    server_selection_timeout: float = 2.0
 
 
 class LoggingConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

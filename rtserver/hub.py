@@ -31,7 +31,6 @@ from rtserver.log import get_logger
 from rtserver.metrics import Metrics
 from rtserver.protocol import (
     NOT_FOUND,
-    UNAVAILABLE,
     IdGenerator,
     Notification,
     ProtocolError,
@@ -144,11 +143,12 @@ class Hub:
     ) -> Notification:
         """Validate ``payload`` against the limits; raises ``ProtocolError``."""
         limits = self.config.limits
+        nid = self.new_id()
         return build_notification(
             payload,
             user_id=user_id,
-            notification_id=self.new_id(),
-            created_at=time.time(),
+            notification_id=nid,
+            created_at=IdGenerator.created_at(nid),
             max_bytes=limits.max_notification_bytes,
             max_depth=limits.max_depth,
             max_fields=limits.max_fields,
@@ -222,10 +222,10 @@ class Hub:
 
     async def register_user_session(
         self, user_id: str, connection: Connection, *, last_id: str | None = None
-    ) -> int:
+    ) -> int | None:
         """Make ``connection`` a session of ``user_id`` and schedule offline delivery.
 
-        Returns the user's unread count. Once the reply to the register frame
+        Returns the user's unread count (None while the store is unreachable). Once the reply to the register frame
         is written, the backlog is pushed oldest first: every notification no
         session has received yet, or with ``last_id`` every one after it.
         Pushes that arrive meanwhile are held and follow without duplicates.
@@ -233,13 +233,14 @@ class Hub:
         connection.begin_replay()
         self.sessions.register(connection, user_id)
         try:
-            unread = await self._store_op("unread_count", self.store.unread_count(user_id))
-        except StoreError:
-            self.sessions.unregister(connection)
-            connection.end_replay()
-            raise ProtocolError(
-                UNAVAILABLE, "the store is unavailable; try again", status=503
-            ) from None
+            unread: int | None = await self._store_op(
+                "unread_count", self.store.unread_count(user_id)
+            )
+        except StoreError as err:
+            # Live delivery goes on while the store is down; the backlog stays
+            # undelivered in the store and is offered at a later register.
+            log.warning("register.store_unavailable", user_id=user_id, error=str(err))
+            unread = None
 
         async def replay() -> None:
             try:

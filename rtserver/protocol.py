@@ -339,3 +339,8 @@ class IdGenerator:
                 self._last_ms = ms
             seq = next(self._seq) & 0xFFFFFF
             return f"{ms:012x}{seq:06x}{self._node}"
+
+    @staticmethod
+    def created_at(notification_id: str) -> float:
+        """The creation time (epoch seconds, ms precision) an id carries."""
+        return int(notification_id[:12], 16) / 1000

@@ -363,7 +363,8 @@ class ReadyHandler(APIHandler):
         self.send(
             {
                 "status": "ready" if ready else "unavailable",
-                "store": "ok" if store_ok else "unreachable",
+                "store": "ok" if store_ok else "degraded",
+                "buffered": getattr(self.hub.store, "buffered", 0),
                 "shutting_down": self.hub.shutting_down,
             },
             200 if ready else 503,

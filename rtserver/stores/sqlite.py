@@ -87,6 +87,7 @@ class SQLiteStore(Store):
         self._db: sqlite3.Connection | None = None
         self._pending: list[tuple[Notification, asyncio.Future[None]]] = []
         self._flush_scheduled = False
+        self._flushes: set[asyncio.Task[None]] = set()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -123,11 +124,12 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         if self._db is None:
             return
-        # Drain queued inserts: the executor runs jobs in order, so a no-op
-        # submitted now completes after every flush already scheduled.
-        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
-        if self._pending:
-            await self._flush_now()
+        # Drain queued inserts: wait for flushes under way, then write what is left.
+        while self._flushes or self._pending:
+            if self._flushes:
+                await asyncio.gather(*self._flushes, return_exceptions=True)
+            if self._pending:
+                await self._flush_now()
         db, self._db = self._db, None
         await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
         self._executor.shutdown(wait=True)
@@ -147,7 +149,9 @@ class SQLiteStore(Store):
         self._pending.append((notification, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().create_task(self._flush_now())
+            task = asyncio.get_running_loop().create_task(self._flush_now())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
         await fut
 
     async def _flush_now(self) -> None:

@@ -18,12 +18,13 @@ _ids = IdGenerator()
 def note(
     user_id: str, message: str = "m", *, created_at: float | None = None, **extra: object
 ) -> Notification:
+    nid = _ids()
     return Notification(
-        id=_ids(),
+        id=nid,
         user_id=user_id,
         message=message,
         type="info",
-        created_at=created_at if created_at is not None else time.time(),
+        created_at=created_at if created_at is not None else IdGenerator.created_at(nid),
         extra=dict(extra),
     )
 
@@ -90,10 +91,11 @@ class StoreSuite:
         """delivered_at records the first delivery only."""
         n = note("u")
         await store.insert(n)
-        await store.mark_delivered([n.id], 1000.0)
-        await store.mark_delivered([n.id], 2000.0)
+        first = round(time.time(), 3)
+        await store.mark_delivered([n.id], first)
+        await store.mark_delivered([n.id], first + 5)
         got = await store.get("u", n.id)
-        assert got is not None and got.delivered_at == 1000.0
+        assert got is not None and got.delivered_at == first
 
     async def test_after_for_resume(self, store: Store) -> None:
         """after() lists every notification after an id, delivered or not."""
@@ -109,17 +111,18 @@ class StoreSuite:
         theirs = note("v")
         for n in [*mine, theirs]:
             await store.insert(n)
-        assert await store.mark_read("u", [mine[0].id, theirs.id], 10.0) == (1, 2)
-        assert await store.mark_read("u", [mine[0].id], 11.0) == (0, 2)
+        now = round(time.time(), 3)
+        assert await store.mark_read("u", [mine[0].id, theirs.id], now) == (1, 2)
+        assert await store.mark_read("u", [mine[0].id], now + 1) == (0, 2)
         assert await store.unread_count("v") == 1
         got = await store.get("u", mine[0].id)
-        assert got is not None and got.read and got.read_at == 10.0
+        assert got is not None and got.read and got.read_at == now
 
     async def test_mark_all_read(self, store: Store) -> None:
         """mark_read(None) marks all of the user's unread."""
         for n in [note("u") for _ in range(4)]:
             await store.insert(n)
-        assert await store.mark_read("u", None, 1.0) == (4, 0)
+        assert await store.mark_read("u", None, time.time()) == (4, 0)
         assert await store.history("u", unread_only=True) == []
 
     async def test_concurrent_mark_read_counts_stay_right(self, store: Store) -> None:
@@ -128,8 +131,8 @@ class StoreSuite:
         for n in notes:
             await store.insert(n)
         results = await asyncio.gather(
-            *(store.mark_read("race", [n.id for n in notes[i::4]], 1.0) for i in range(4)),
-            *(store.mark_read("race", [n.id for n in notes], 1.0) for _ in range(2)),
+            *(store.mark_read("race", [n.id for n in notes[i::4]], time.time()) for i in range(4)),
+            *(store.mark_read("race", [n.id for n in notes], time.time()) for _ in range(2)),
         )
         assert sum(updated for updated, _ in results) == 40
         assert await store.unread_count("race") == 0

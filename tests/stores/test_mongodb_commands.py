@@ -1,0 +1,246 @@
+"""mockupdb (MongoDB's wire-protocol test server, as used by pymongo's own
+tests) pins the exact commands the MongoDB backend sends: what nx-27017 cannot
+show (index directions, partialFilterExpression, collMod, sort specs)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from mockupdb import MockupDB, Request
+
+from rtserver.config import StoreConfig
+from rtserver.stores.mongodb import MongoStore
+
+
+@pytest.fixture
+def mock() -> Iterator[MockupDB]:
+    server = MockupDB(auto_ismaster={"maxWireVersion": 21}, verbose=False)
+    server.run()
+    yield server
+    server.stop()
+
+
+def config(uri: str, **overrides: Any) -> StoreConfig:
+    values: dict[str, Any] = {
+        "backend": "mongodb",
+        "uri": uri,
+        "database": "rt",
+        "retention_days": 30,
+        "read_retention_days": 7,
+    }
+    values.update(overrides)
+    return StoreConfig(**values)
+
+
+async def receive(server: MockupDB) -> Request:
+    request: Request = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: server.receives(timeout=10)
+    )
+    return request
+
+
+def command(request: Request) -> dict[str, Any]:
+    """The command document without driver bookkeeping, as plain dicts."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return {
+        k: plain(v)
+        for k, v in request.doc.items()
+        if k not in ("$db", "lsid", "$clusterTime", "$readPreference")
+    }
+
+
+def cursor(*docs: dict[str, Any]) -> dict[str, Any]:
+    return {"cursor": {"id": 0, "ns": "rt.notifications", "firstBatch": list(docs)}}
+
+
+@pytest.fixture
+async def opened(mock: MockupDB) -> AsyncIterator[MongoStore]:
+    """A store whose open() saw all four indexes already present."""
+    store = MongoStore(config(mock.uri))
+    task = asyncio.ensure_future(store.open())
+    (await receive(mock)).replies(
+        cursor(
+            {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+            {
+                "v": 2,
+                "key": {"user_id": 1, "read": 1, "created_at": -1},
+                "name": "user_read_created",
+            },
+            {"v": 2, "key": {"user_id": 1, "created_at": 1}, "name": "user_undelivered"},
+            {
+                "v": 2,
+                "key": {"created_at": 1},
+                "name": "created_ttl",
+                "expireAfterSeconds": 30 * 86400,
+            },
+            {"v": 2, "key": {"read_at": 1}, "name": "read_ttl", "expireAfterSeconds": 7 * 86400},
+        )
+    )
+    await task
+    yield store
+    await store._client.close()
+
+
+async def test_open_creates_the_indexes_exactly(mock: MockupDB) -> None:
+    """createIndexes: keys with directions, TTLs and the partial filter."""
+    store = MongoStore(config(mock.uri))
+    task = asyncio.ensure_future(store.open())
+    listing = await receive(mock)
+    assert command(listing) == {"listIndexes": "notifications", "cursor": {}}
+    listing.replies(cursor({"v": 2, "key": {"_id": 1}, "name": "_id_"}))
+    created = []
+    for _ in range(4):
+        request = await receive(mock)
+        created.append(command(request))
+        request.ok()
+    await task
+    await store._client.close()
+    assert created == [
+        {
+            "createIndexes": "notifications",
+            "indexes": [
+                {"name": "user_read_created", "key": {"user_id": 1, "read": 1, "created_at": -1}}
+            ],
+        },
+        {
+            "createIndexes": "notifications",
+            "indexes": [
+                {
+                    "name": "user_undelivered",
+                    "partialFilterExpression": {"delivered": False},
+                    "key": {"user_id": 1, "created_at": 1},
+                }
+            ],
+        },
+        {
+            "createIndexes": "notifications",
+            "indexes": [
+                {"name": "created_ttl", "expireAfterSeconds": 2592000, "key": {"created_at": 1}}
+            ],
+        },
+        {
+            "createIndexes": "notifications",
+            "indexes": [{"name": "read_ttl", "expireAfterSeconds": 604800, "key": {"read_at": 1}}],
+        },
+    ]
+    assert list(created[0]["indexes"][0]["key"].items()) == [
+        ("user_id", 1),
+        ("read", 1),
+        ("created_at", -1),
+    ]
+
+
+async def test_changed_retention_uses_collmod(mock: MockupDB) -> None:
+    """An existing TTL index with another expireAfterSeconds is changed with collMod."""
+    store = MongoStore(config(mock.uri, retention_days=10))
+    task = asyncio.ensure_future(store.open())
+    (await receive(mock)).replies(
+        cursor(
+            {
+                "v": 2,
+                "key": {"user_id": 1, "read": 1, "created_at": -1},
+                "name": "user_read_created",
+            },
+            {"v": 2, "key": {"user_id": 1, "created_at": 1}, "name": "user_undelivered"},
+            {
+                "v": 2,
+                "key": {"created_at": 1},
+                "name": "created_ttl",
+                "expireAfterSeconds": 30 * 86400,
+            },
+            {"v": 2, "key": {"read_at": 1}, "name": "read_ttl", "expireAfterSeconds": 7 * 86400},
+        )
+    )
+    request = await receive(mock)
+    assert command(request) == {
+        "collMod": "notifications",
+        "index": {"keyPattern": {"created_at": 1}, "expireAfterSeconds": 864000},
+    }
+    request.ok()
+    await task
+    await store._client.close()
+
+
+async def test_unread_history_find(opened: MongoStore, mock: MockupDB) -> None:
+    """Unread history: filter on the index prefix, newest first, bounded."""
+    task = asyncio.ensure_future(opened.history("u", unread_only=True, limit=20, before="01a2"))
+    request = await receive(mock)
+    assert command(request) == {
+        "find": "notifications",
+        "filter": {"user_id": "u", "read": False, "_id": {"$lt": "01a2"}},
+        "sort": {"created_at": -1, "_id": -1},
+        "limit": 20,
+    }
+    request.replies(cursor())
+    assert await task == []
+
+
+async def test_full_history_names_both_read_values(opened: MongoStore, mock: MockupDB) -> None:
+    """Full history uses read $in [false, true] so the compound index serves the sort."""
+    task = asyncio.ensure_future(opened.history("u", limit=9999))
+    request = await receive(mock)
+    assert command(request)["filter"] == {"user_id": "u", "read": {"$in": [False, True]}}
+    assert command(request)["limit"] == 500
+    request.replies(cursor())
+    await task
+
+
+async def test_mark_read_is_one_conditional_update_then_a_count(
+    opened: MongoStore, mock: MockupDB
+) -> None:
+    """mark_read: update_many guarded by read=false (no read-modify-write), then count."""
+    task = asyncio.ensure_future(opened.mark_read("u", ["a", "b"], 1_800_000_000.0))
+    update = await receive(mock)
+    cmd = command(update)
+    assert cmd["update"] == "notifications"
+    (stmt,) = cmd["updates"]
+    assert stmt["q"] == {"user_id": "u", "read": False, "_id": {"$in": ["a", "b"]}}
+    assert stmt["multi"] is True
+    assert (
+        stmt["u"]["$set"]["read"] is True
+        and stmt["u"]["$set"]["read_at"].timestamp() == 1_800_000_000.0
+    )
+    update.replies({"ok": 1, "n": 2, "nModified": 2})
+    count = await receive(mock)
+    assert command(count)["aggregate"] == "notifications"
+    assert command(count)["pipeline"] == [
+        {"$match": {"user_id": "u", "read": False}},
+        {"$group": {"_id": 1, "n": {"$sum": 1}}},
+    ]
+    count.replies(cursor({"_id": 1, "n": 3}))
+    assert await task == (2, 3)
+
+
+async def test_offline_delivery_find(opened: MongoStore, mock: MockupDB) -> None:
+    """Offline delivery reads the partial index's set, oldest first, after a cursor."""
+    task = asyncio.ensure_future(opened.undelivered("u", after="x", limit=100))
+    request = await receive(mock)
+    assert command(request) == {
+        "find": "notifications",
+        "filter": {"user_id": "u", "delivered": False, "_id": {"$gt": "x"}},
+        "sort": {"created_at": 1, "_id": 1},
+        "limit": 100,
+    }
+    request.replies(cursor())
+    await task
+
+
+async def test_mark_delivered_sets_first_time_only(opened: MongoStore, mock: MockupDB) -> None:
+    """mark_delivered only touches documents not yet delivered."""
+    task = asyncio.ensure_future(opened.mark_delivered(["a"], 1_800_000_000.0))
+    request = await receive(mock)
+    (stmt,) = command(request)["updates"]
+    assert stmt["q"] == {"_id": {"$in": ["a"]}, "delivered": False}
+    assert stmt["u"]["$set"]["delivered"] is True
+    request.replies({"ok": 1, "n": 1, "nModified": 1})
+    await task

@@ -80,7 +80,9 @@ class TestMongoStoreOnNx(StoreSuite):
         monitor itself is checked against real MongoDB in the layer below.)"""
         # A collection name of its own: nx-27017 keys TTL options by index name,
         # which it derives from the collection name alone.
-        cfg = store_config(nx.uri, retention_days=1, read_retention_days=None, collection="ttl_check")
+        cfg = store_config(
+            nx.uri, retention_days=1, read_retention_days=None, collection="ttl_check"
+        )
         s = MongoStore(cfg)
         await s.open()
         try:

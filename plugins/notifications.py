@@ -73,6 +73,7 @@ class TestSendHandler(APIHandler):
     """
 
     async def post(self, user_id: str) -> None:
+        self.rate_limit_by_address()
         result = await self.hub.send_notification(user_id, self.body())
         self.send(
             {"notification": result.notification.to_wire(), "delivered": result.delivered}, 201

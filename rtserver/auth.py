@@ -48,14 +48,25 @@ class Authenticator:
     def __init__(self, config: AuthConfig) -> None:
         self.config = config
         self._public_key: str | None = None
+        self._jwks: jwt.PyJWKSet | None = None
         if config.public_key_file:
             self._public_key = Path(config.public_key_file).read_text(encoding="utf-8")
+        if config.jwks_file:
+            self._jwks = jwt.PyJWKSet.from_json(Path(config.jwks_file).read_text(encoding="utf-8"))
 
-    def _key_for(self, alg: str) -> str:
+    def _key_for(self, alg: str, kid: Any) -> Any:
+        """The key for this algorithm family only: an HMAC secret never verifies
+        an RS/ES token and a public key never verifies an HS256 one."""
         if alg == "HS256" and self.config.secret:
             return self.config.secret
-        if alg in ("RS256", "ES256") and self._public_key:
-            return self._public_key
+        if alg in ("RS256", "ES256"):
+            if self._jwks is not None and kid is not None:
+                for jwk in self._jwks.keys:
+                    if jwk.key_id == kid and jwk.algorithm_name == alg:
+                        return jwk.key
+                raise ProtocolError(UNAUTHORIZED, "token key id is unknown", status=401)
+            if self._public_key:
+                return self._public_key
         raise ProtocolError(UNAUTHORIZED, "token algorithm is not accepted", status=401)
 
     def verify(self, token: str) -> Claims:
@@ -72,7 +83,7 @@ class Authenticator:
         try:
             raw: dict[str, Any] = jwt.decode(
                 token,
-                self._key_for(alg),
+                self._key_for(alg, header.get("kid")),
                 algorithms=[alg],
                 issuer=self.config.issuer,
                 audience=self.config.audience,

@@ -139,8 +139,9 @@ class Client:
         return out
 
     async def close(self) -> None:
-        if not self.closed.is_set():
-            self.ws.close()
+        was_open = not self.closed.is_set()
+        self.ws.close()  # also after the server closed: releases the protocol
+        if was_open:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.closed.wait(), 5)
         if not self._reader.done():

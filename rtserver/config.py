@@ -67,11 +67,17 @@ class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True
     algorithms: tuple[Literal["HS256", "RS256", "ES256"], ...] = ("HS256",)
     #: PEM public key file for RS256/ES256 tokens.
     public_key_file: str | None = None
+    #: JWKS file (``{"keys": [...]}``) for RS256/ES256 tokens; the token's
+    #: ``kid`` header picks the key.
+    jwks_file: str | None = None
     issuer: str | None = None
     audience: str | None = None
     #: Default lifetime of tokens minted by ``run.py token`` and the demo.
     token_ttl: int = 3600
     leeway: float = 5.0
+    #: Seconds before a session's token expires that it gets a
+    #: ``token_expiring`` push; at expiry, unless refreshed, it is closed (1008).
+    expiry_warning: float = 60.0
 
 
 class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -124,6 +130,18 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_fields: int = 64
     #: Most ids in one mark_read.
     max_ids_per_mark_read: int = 500
+    #: Open connections one user may hold (tabs, devices).
+    max_connections_per_user: int = 100
+    #: register frames per user per minute (bursts up to the same number).
+    registers_per_minute: float = 120.0
+    #: HTTP API requests per second per token subject (per address for the
+    #: unauthenticated test route), with twice that as burst.
+    http_requests_per_second: float = 5000.0
+    #: New WebSocket connections per second, server-wide, with twice that as
+    #: burst: blunts reconnect storms while letting a load test open 10,000.
+    connections_per_second: float = 5000.0
+    #: Open WebSocket connections, server-wide.
+    max_connections: int = 50000
     #: Most notifications offline delivery pushes at one register; older
     #: ones stay in the history (get_notifications).
     max_replay: int = 5000
@@ -195,8 +213,10 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
     auth = config.auth
     if "HS256" in auth.algorithms and not auth.secret:
         raise ConfigError(f"{source}: auth.secret: required when HS256 is allowed")
-    if {"RS256", "ES256"} & set(auth.algorithms) and not auth.public_key_file:
-        raise ConfigError(f"{source}: auth.public_key_file: required for RS256/ES256")
+    if {"RS256", "ES256"} & set(auth.algorithms) and not (auth.public_key_file or auth.jwks_file):
+        raise ConfigError(
+            f"{source}: auth.public_key_file: required for RS256/ES256 (or auth.jwks_file)"
+        )
     if config.server.environment == "production":
         if auth.secret == DEV_SECRET:
             raise ConfigError(

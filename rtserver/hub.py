@@ -27,6 +27,7 @@ from tornado.ioloop import PeriodicCallback
 from rtserver.auth import Authenticator
 from rtserver.config import Config
 from rtserver.delivery import Delivery
+from rtserver.limits import RateLimits
 from rtserver.log import get_logger
 from rtserver.metrics import Metrics
 from rtserver.protocol import (
@@ -61,6 +62,7 @@ class Hub:
         self.sessions = SessionRegistry()
         self.delivery = Delivery(self.sessions, self.metrics)
         self.auth = Authenticator(config.auth)
+        self.limits = RateLimits(config.limits, self.metrics)
         self.new_id = IdGenerator()
         self.threadsafe = ThreadSafeAPI(self)
         self.loop: asyncio.AbstractEventLoop | None = None

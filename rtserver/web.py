@@ -31,12 +31,12 @@ from rtserver.protocol import (
     FORBIDDEN,
     INTERNAL_ERROR,
     NOT_REGISTERED,
-    RATE_LIMITED,
     UNAUTHORIZED,
     UNAVAILABLE,
     UNKNOWN_EVENT,
     UNSUPPORTED,
     ProtocolError,
+    check_shape,
     decode_data,
     decode_frame,
     decode_json,
@@ -95,14 +95,7 @@ class Dispatcher:
             # event a handler logs carries the user (session_id is inherited).
             structlog.contextvars.bind_contextvars(user_id=conn.user_id)
         try:
-            wait = bucket.take()
-            if wait:
-                self.metrics.rate_limited.labels("frames").inc()
-                raise ProtocolError(
-                    RATE_LIMITED,
-                    "too many frames; slow down",
-                    extra={"retry_after": round(wait, 3)},
-                )
+            self.hub.limits.check_frame(bucket)
             try:
                 frame = decode_frame(text)
             except ProtocolError:
@@ -119,7 +112,12 @@ class Dispatcher:
                 raise ProtocolError(NOT_REGISTERED, "register first")
             if spec.role is not None:
                 require_role(conn.role, spec.role)
-            data = decode_data(frame.data, spec.schema or _ANY_OBJECT)
+            if spec.schema is None:
+                data = decode_data(frame.data, _ANY_OBJECT)
+                limits = self.hub.config.limits
+                check_shape(data, max_depth=limits.max_depth, max_fields=limits.max_fields)
+            else:
+                data = decode_data(frame.data, spec.schema)
             ctx = EventContext(self.hub, conn, frame.event, frame_id)
             t0 = time.perf_counter()
             try:
@@ -158,8 +156,7 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
         self.plugins = plugins
         self.dispatcher = dispatcher
         self.conn: Connection | None = None
-        limits = hub.config.limits
-        self.bucket = TokenBucket(limits.frames_per_second, limits.frame_burst)
+        self.bucket = hub.limits.frame_bucket()
 
     def check_origin(self, origin: str) -> bool:
         # Tornado 6.6 calls this only for cross-origin browser requests.
@@ -172,9 +169,17 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
         return None  # frames are framed once and shared; no per-socket deflate
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        if self.hub.shutting_down:
-            self.set_status(503)
-            self.finish({"error": {"code": UNAVAILABLE, "message": "server is shutting down"}})
+        """Refuse before the upgrade when shutting down or over a server-wide cap."""
+        try:
+            if self.hub.shutting_down:
+                raise ProtocolError(UNAVAILABLE, "server is shutting down", status=503)
+            self.hub.limits.check_connection(len(self.hub.sessions))
+        except ProtocolError as err:
+            self.set_status(err.status)
+            if "retry_after" in err.extra:
+                self.set_header("Retry-After", str(max(1, round(err.extra["retry_after"]))))
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.finish(encode_json({"error": err.as_data()}))
             return
         await super().get(*args, **kwargs)
 
@@ -289,8 +294,13 @@ class APIHandler(tornado.web.RequestHandler):
         if scheme.lower() != "bearer" or not token.strip():
             raise ProtocolError(UNAUTHORIZED, "Authorization: Bearer TOKEN required", status=401)
         claims = self.hub.auth.verify(token.strip())
+        self.hub.limits.check_http(f"sub:{claims.sub}")
         claims.require(role)
         return claims
+
+    def rate_limit_by_address(self) -> None:
+        """For routes without a token: limit by client address."""
+        self.hub.limits.check_http(f"ip:{self.request.remote_ip}")
 
     def body(self, schema: type[T] | None = None) -> Any:
         """The JSON body, validated against ``schema`` when given."""

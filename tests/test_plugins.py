@@ -47,7 +47,7 @@ class TestLoading:
     def test_enabled_list_decides(self, tmp_path: Path) -> None:
         """Only enabled plugins load; their events and routes are absent otherwise."""
         app = make_app(make_config(tmp_path, plugins={"enabled": ["registration"]}))
-        assert set(app.plugins.events) == {"register"}
+        assert set(app.plugins.events) == {"register", "refresh"}
         assert app.plugins.routes == []
 
     def test_unknown_plugin_name_stops_startup(self, tmp_path: Path) -> None:

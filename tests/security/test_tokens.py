@@ -1,0 +1,211 @@
+"""Attacks on authentication: forged, expired, unsigned and confused tokens,
+wrong audience and issuer, and token expiry on an open connection."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from rtserver.auth import Authenticator
+from rtserver.client import ClientError
+from rtserver.config import AuthConfig
+from rtserver.protocol import ProtocolError
+
+from ..conftest import SECRET, Running, StartServer
+
+
+def claims(sub: str = "alice", **extra: Any) -> dict[str, Any]:
+    return {"sub": sub, "role": "user", "exp": int(time.time()) + 600, **extra}
+
+
+def b64(obj: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+
+async def refused(server: Running, token: str) -> ClientError:
+    client = await server.connect()
+    with pytest.raises(ClientError) as err:
+        await client.register(token)
+    assert server.hub.get_user_sessions("alice") == []
+    return err.value
+
+
+class TestForgedTokens:
+    async def test_forged_signature(self, server: Running) -> None:
+        """A token signed with another secret is refused."""
+        err = await refused(server, jwt.encode(claims(), "not-the-secret-" * 3, algorithm="HS256"))
+        assert (err.code, err.message) == ("unauthorized", "token signature is invalid")
+
+    async def test_alg_none(self, server: Running) -> None:
+        """An unsigned token (alg none) is refused."""
+        token = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims())}."
+        err = await refused(server, token)
+        assert err.code == "unauthorized" and "algorithm" in err.message
+
+    async def test_tampered_payload(self, server: Running) -> None:
+        """Changing the subject of a valid token breaks its signature."""
+        header, _, sig = server.token("mallory").split(".")
+        err = await refused(server, f"{header}.{b64(claims('alice'))}.{sig}")
+        assert err.code == "unauthorized"
+
+    async def test_expired(self, server: Running) -> None:
+        """An expired token is refused."""
+        err = await refused(server, server.token("alice", ttl=-30))
+        assert err.message == "token has expired"
+
+    async def test_not_yet_valid(self, server: Running) -> None:
+        """nbf in the future is refused."""
+        err = await refused(
+            server, jwt.encode(claims(nbf=int(time.time()) + 300), SECRET, algorithm="HS256")
+        )
+        assert err.message == "token is not valid yet"
+
+    async def test_missing_exp(self, server: Running) -> None:
+        """A token without exp is refused."""
+        token = jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")
+        err = await refused(server, token)
+        assert "exp" in err.message
+
+    async def test_bad_role(self, server: Running) -> None:
+        """A role outside user/publisher/admin is refused."""
+        err = await refused(server, jwt.encode(claims(role="root"), SECRET, algorithm="HS256"))
+        assert err.message == "token role is invalid"
+
+    async def test_wrong_audience_and_issuer(self, start_server: StartServer) -> None:
+        """With iss and aud configured, tokens for another audience or issuer fail."""
+        srv = await start_server(
+            auth={"audience": "rtserver", "issuer": "https://auth.example.com"}
+        )
+        good = jwt.encode(
+            claims(aud="rtserver", iss="https://auth.example.com"), SECRET, algorithm="HS256"
+        )
+        client = await srv.connect()
+        assert (await client.register(good))["user_id"] == "alice"
+        for bad, message in (
+            (claims(aud="billing", iss="https://auth.example.com"), "token audience is wrong"),
+            (claims(aud="rtserver", iss="https://evil.example.com"), "token issuer is wrong"),
+        ):
+            c = await srv.connect()
+            with pytest.raises(ClientError) as err:
+                await c.register(jwt.encode(bad, SECRET, algorithm="HS256"))
+            assert err.value.message == message
+
+    async def test_http_api_checks_tokens_too(self, server: Running) -> None:
+        """The HTTP API refuses forged and expired bearer tokens with 401."""
+        for token in (
+            jwt.encode(claims(role="admin"), "x" * 40, algorithm="HS256"),
+            server.token("a", "admin", ttl=-5),
+        ):
+            status, body = await server.http(
+                "POST", "/api/broadcast", {"message": "x"}, token=token
+            )
+            assert status == 401 and body["error"]["code"] == "unauthorized"
+
+
+def rsa_pair() -> tuple[Any, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return key, public
+
+
+class TestAsymmetric:
+    def test_rs256_with_public_key_and_algorithm_confusion(self, tmp_path: Path) -> None:
+        """RS256 tokens verify with the public key; an HS256 token whose HMAC key
+        is that public key (algorithm confusion) is refused."""
+        key, public = rsa_pair()
+        (tmp_path / "pub.pem").write_text(public)
+        auth = Authenticator(
+            AuthConfig(
+                secret=SECRET,
+                algorithms=("HS256", "RS256"),
+                public_key_file=str(tmp_path / "pub.pem"),
+            )
+        )
+        assert auth.verify(jwt.encode(claims(), key, algorithm="RS256")).sub == "alice"
+        confused = f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.{b64(claims())}"
+        import hashlib
+        import hmac
+
+        sig = hmac.new(public.encode(), confused.encode(), hashlib.sha256).digest()
+        forged = f"{confused}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
+        with pytest.raises(ProtocolError) as err:
+            auth.verify(forged)
+        assert err.value.code == "unauthorized"
+
+    def test_algorithm_outside_allowlist(self, tmp_path: Path) -> None:
+        """An RS256 token is refused where only HS256 is allowed."""
+        key, _ = rsa_pair()
+        auth = Authenticator(AuthConfig(secret=SECRET))
+        with pytest.raises(ProtocolError, match="algorithm"):
+            auth.verify(jwt.encode(claims(), key, algorithm="RS256"))
+
+    def test_es256_from_jwks_by_kid(self, tmp_path: Path) -> None:
+        """ES256 tokens verify against a JWKS file, choosing the key by kid;
+        an unknown kid is refused."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+        jwk.update(kid="k1", alg="ES256")
+        (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+        auth = Authenticator(
+            AuthConfig(algorithms=("ES256",), jwks_file=str(tmp_path / "jwks.json"))
+        )
+        assert (
+            auth.verify(jwt.encode(claims(), key, algorithm="ES256", headers={"kid": "k1"})).sub
+            == "alice"
+        )
+        with pytest.raises(ProtocolError, match="key id"):
+            auth.verify(jwt.encode(claims(), key, algorithm="ES256", headers={"kid": "k2"}))
+
+
+class TestExpiryOnOpenConnections:
+    async def test_warned_then_closed_1008_at_expiry(self, start_server: StartServer) -> None:
+        """A session whose token expires gets token_expiring, then close 1008."""
+        srv = await start_server(auth={"expiry_warning": 0.5})
+        client = await srv.connect()
+        ack = await client.register(srv.token("exp", ttl=1.2))
+        assert ack["expires_at"].endswith("Z")
+        warning = await client.next("token_expiring", timeout=3)
+        assert 0 < warning["seconds"] <= 0.8
+        await asyncio.wait_for(client.closed.wait(), 5)
+        assert client.close_code == 1008 and client.close_reason == "token expired"
+
+    async def test_refresh_extends_the_session(self, start_server: StartServer) -> None:
+        """refresh with a new token of the same subject keeps the session open."""
+        srv = await start_server(auth={"expiry_warning": 0.5})
+        client = await srv.connect()
+        await client.register(srv.token("ref", ttl=1.2))
+        await client.next("token_expiring", timeout=3)
+        ack = await client.request("refresh", {"token": srv.token("ref", ttl=600)})
+        assert ack["expires_at"].endswith("Z")
+        await asyncio.sleep(1.2)
+        assert not client.closed.is_set()
+        result = await srv.hub.send_notification("ref", {"message": "still here"})
+        assert result.delivered == 1
+
+    async def test_refresh_cannot_switch_user(self, server: Running) -> None:
+        """A refresh token for another subject is forbidden."""
+        client = await server.user("ref")
+        with pytest.raises(ClientError) as err:
+            await client.request("refresh", {"token": server.token("someone-else")})
+        assert err.value.code == "forbidden"
+
+    async def test_tokens_are_not_accepted_in_urls(self, server: Running) -> None:
+        """A token in the query string authenticates nothing."""
+        token = server.token("alice", "admin")
+        status, _ = await server.http(
+            "GET", f"/api/admin/sessions?token={token}&access_token={token}"
+        )
+        assert status == 401

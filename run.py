@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tornado.httpserver import HTTPServer
 
-from rtserver.app import make_app, ssl_context
+from rtserver.app import make_app, make_metrics_app, ssl_context
 from rtserver.config import Config, ConfigError, load_config
 from rtserver.log import configure_logging, get_logger
 from rtserver.plugins import PluginError
@@ -44,6 +44,11 @@ async def serve(config: Config) -> None:
         idle_connection_timeout=60,
     )
     server.listen(srv.port, srv.host)
+    metrics_server = None
+    if srv.metrics_port is not None:
+        metrics_server = HTTPServer(make_metrics_app(app.hub))
+        metrics_server.listen(srv.metrics_port, srv.metrics_host)
+        log.info("metrics.listening", url=f"http://{srv.metrics_host}:{srv.metrics_port}/metrics")
     scheme = "https" if srv.tls_cert else "http"
     log.info(
         "server.listening", url=f"{scheme}://{srv.host}:{srv.port}", environment=srv.environment
@@ -57,6 +62,9 @@ async def serve(config: Config) -> None:
     server.stop()  # stop accepting; open WebSockets are closed by shutdown()
     await app.shutdown()
     await server.close_all_connections()
+    if metrics_server is not None:
+        metrics_server.stop()
+        await metrics_server.close_all_connections()
 
 
 def main(argv: list[str] | None = None) -> int:

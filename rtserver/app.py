@@ -52,9 +52,11 @@ class Application(tornado.web.Application):
         hub.shutting_down = True
         timeout = hub.config.server.shutdown_timeout if timeout is None else timeout
         conns = list(hub.sessions)
+        window_ms = int(hub.config.server.reconnect_window * 1000)
         for conn in conns:
-            # Reason text is at most 123 bytes; the delay spreads reconnects.
-            delay_ms = random.randint(500, 5000)
+            # The reason (at most 123 bytes) carries the hint; the delays are
+            # spread evenly over the window so clients do not return at once.
+            delay_ms = random.randint(0, window_ms)
             conn.close(1001, f"server shutting down; reconnect_after_ms={delay_ms}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout / 2
@@ -98,14 +100,22 @@ def make_app(
         default_handler_class=NotFoundHandler,
         default_handler_args=base,
         websocket_max_message_size=server.max_frame_bytes,
-        websocket_ping_interval=server.ping_interval or None,
-        websocket_ping_timeout=server.ping_timeout or None,
         xheaders=server.xheaders,
         log_function=_log_request,
     )
     app.hub = hub
     app.plugins = loaded
     return app
+
+
+def make_metrics_app(hub: Hub) -> tornado.web.Application:
+    """``GET /metrics`` without a token, for ``server.metrics_port``."""
+    return tornado.web.Application(
+        [(r"/metrics", MetricsHandler, {"hub": hub, "public": True})],
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"hub": hub},
+        log_function=_log_request,
+    )
 
 
 def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:

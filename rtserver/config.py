@@ -58,6 +58,14 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     tls_key: str | None = None
     #: Seconds to wait for clients and the store during graceful shutdown.
     shutdown_timeout: float = 10.0
+    #: At shutdown clients are told to reconnect after a delay spread evenly
+    #: over this many seconds, so they do not all return at once.
+    reconnect_window: float = 5.0
+    #: Serve ``GET /metrics`` without a token on this separate address (for
+    #: a Prometheus on a private network); the main port keeps requiring an
+    #: admin token. None: only the main port.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -76,6 +76,8 @@ class Hub:
             users=self.sessions.users,
             sessions=lambda: sum(1 for _ in self.sessions.registered()),
             outbound=lambda: sum(c.outbound_buffer() for c in self.sessions),
+            outbound_max=lambda: max((c.outbound_buffer() for c in self.sessions), default=0),
+            store_buffered=lambda: getattr(self.store, "buffered", 0),
         )
 
     # -- lifecycle --------------------------------------------------------
@@ -90,6 +92,12 @@ class Hub:
         interval = self.config.logging.metrics_interval
         if interval > 0:
             self._every(interval, self.log_metrics)
+        server = self.config.server
+        if server.ping_interval > 0:
+            tick = min(server.ping_interval, server.ping_timeout or server.ping_interval) / 2
+            pc = PeriodicCallback(self.heartbeat, tick * 1000)
+            pc.start()
+            self._periodic.append(pc)
         log.info("store.opened", backend=self.store.name)
 
     def _every(self, seconds: float, job: Any) -> None:
@@ -111,6 +119,26 @@ class Hub:
         await self._flush_delivered()
         await self.store.close()
         log.info("store.closed", backend=self.store.name)
+
+    def heartbeat(self) -> None:
+        """One sweep over every connection (one timer for all, not a task per
+        socket): ping those quiet for ``ping_interval``; drop at once those
+        whose ping went unanswered for ``ping_timeout``, so a dead peer is gone
+        from the registry and the metrics within interval + timeout."""
+        server = self.config.server
+        now = time.monotonic()
+        timeout = server.ping_timeout or server.ping_interval
+        for conn in self.sessions:
+            if conn.closed:
+                continue
+            if conn.ping_sent_at is not None:
+                if now - conn.ping_sent_at >= timeout:
+                    log.info(
+                        "connection.ping_timeout", user_id=conn.user_id, session_id=conn.session_id
+                    )
+                    conn.abort("ping timed out")
+            elif now - conn.last_seen >= server.ping_interval:
+                conn.ping(now)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` in the background, keeping a reference until it ends

@@ -82,6 +82,16 @@ class Metrics:
         self.outbound_bytes = Gauge(
             "rtserver_outbound_queue_bytes", "Bytes waiting in all outbound queues", registry=r
         )
+        self.outbound_max = Gauge(
+            "rtserver_outbound_queue_max_bytes",
+            "Bytes waiting in the fullest outbound queue",
+            registry=r,
+        )
+        self.store_buffered = Gauge(
+            "rtserver_store_buffered",
+            "Notifications accepted but waiting for an unreachable store",
+            registry=r,
+        )
 
     def bind_gauges(
         self,
@@ -91,6 +101,8 @@ class Metrics:
         users: Callable[[], float],
         sessions: Callable[[], float],
         outbound: Callable[[], float],
+        outbound_max: Callable[[], float],
+        store_buffered: Callable[[], float],
     ) -> None:
         """Gauges read live state when scraped instead of being kept in step."""
         self.connections.set_function(connections)
@@ -98,6 +110,8 @@ class Metrics:
         self.registered_users.set_function(users)
         self.sessions.set_function(sessions)
         self.outbound_bytes.set_function(outbound)
+        self.outbound_max.set_function(outbound_max)
+        self.store_buffered.set_function(store_buffered)
 
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,6 +29,8 @@ class Transport(Protocol):
 
     def raw_stream(self) -> _Stream | None: ...
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+    def send_ping(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class Connection:
@@ -41,6 +43,7 @@ class Connection:
 
     __slots__ = (
         "_after_reply",
+        "_gone",
         "_replay_queue",
         "_replayed",
         "_transport",
@@ -50,7 +53,10 @@ class Connection:
         "connected_at",
         "expires_at",
         "in_dispatch",
+        "last_seen",
+        "on_gone",
         "on_slow",
+        "ping_sent_at",
         "registered_at",
         "remote_ip",
         "role",
@@ -77,6 +83,14 @@ class Connection:
         self._after_reply: list[Callable[[], Any]] = []
         self.in_dispatch = False
         self.on_slow: Callable[[Connection], None] | None = None
+        #: Called once when the connection stops being usable (close started,
+        #: peer gone, or aborted): the handler unregisters the session there.
+        self.on_gone: Callable[[Connection], None] | None = None
+        self._gone = False
+        #: Heartbeat bookkeeping (time.monotonic()): last sign of life, and when the
+        #: unanswered ping was sent (None when none is outstanding).
+        self.last_seen = 0.0
+        self.ping_sent_at: float | None = None
         #: Free space for plugins, keyed by plugin name.
         self.state: dict[str, Any] = {}
 
@@ -155,10 +169,39 @@ class Connection:
         return callbacks
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Start the closing handshake; the session is gone from now on (no
+        more pushes, not in the registry), whether or not the peer answers."""
         if self.closed:
             return
         self.close_reason = reason
+        self.closed = True
         self._transport.close(code, reason)
+        self.gone()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (a dead peer: no handshake to wait for)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.closed = True
+        self._transport.abort()
+        self.gone()
+
+    def gone(self) -> None:
+        """Mark the connection finished; runs ``on_gone`` exactly once."""
+        self.closed = True
+        if not self._gone:
+            self._gone = True
+            if self.on_gone is not None:
+                self.on_gone(self)
+
+    def ping(self, now: float) -> None:
+        self.ping_sent_at = now
+        self._transport.send_ping()
+
+    def alive(self, now: float) -> None:
+        """A pong (or any frame) arrived."""
+        self.last_seen = now
+        self.ping_sent_at = None
 
     def outbound_buffer(self) -> int:
         """Bytes written but not yet taken by the peer (0 when unknown)."""

@@ -7,6 +7,7 @@ and every reply goes out through ``Delivery``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 import time
@@ -18,7 +19,7 @@ import msgspec
 import structlog
 import tornado.web
 import tornado.websocket
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from rtserver.auth import Claims, require_role
 from rtserver.config import Role
@@ -189,12 +190,31 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
             return None
         return getattr(ws, "stream", None)
 
+    def send_ping(self) -> None:
+        ws = self.ws_connection
+        if ws is not None and not ws.is_closing():
+            # A failed ping needs nothing here: the heartbeat reaps a silent peer.
+            with contextlib.suppress(StreamClosedError, StreamBufferFullError):
+                ws.write_ping(b"")
+
+    def abort(self) -> None:
+        ws = self.ws_connection
+        stream = getattr(ws, "stream", None) if ws is not None else None
+        if stream is not None:
+            stream.close()  # on_close follows
+
+    def on_pong(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.alive(time.monotonic())
+
     def open(self, *args: str, **kwargs: str) -> None:
         conn = self.conn = Connection(self, self.request.remote_ip)
+        conn.last_seen = time.monotonic()
         stream = self.raw_stream()
         if stream is not None:
             stream.max_write_buffer_size = self.hub.config.server.max_outbound_bytes
         conn.on_slow = self._on_slow
+        conn.on_gone = self._gone
         self.set_nodelay(True)
         self.hub.sessions.add(conn)
         self.hub.metrics.connections_total.inc()
@@ -222,8 +242,9 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         conn = self.conn
-        if conn is None:
+        if conn is None or conn.closed:
             return None
+        conn.last_seen = time.monotonic()
         if isinstance(message, bytes):
             self.dispatcher.error(
                 conn,
@@ -234,10 +255,11 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
         return self.dispatcher.dispatch(conn, message, self.bucket)
 
     def on_close(self) -> None:
-        conn = self.conn
-        if conn is None or conn.closed:
-            return
-        conn.closed = True
+        if self.conn is not None:
+            self.conn.gone()
+
+    def _gone(self, conn: Connection) -> None:
+        """Once per connection, when it stops being usable."""
         self.hub.sessions.remove(conn)
         log.info(
             "connection.closed",
@@ -382,10 +404,12 @@ class ReadyHandler(APIHandler):
 
 
 class MetricsHandler(APIHandler):
-    """``GET /metrics``: Prometheus text format; admin token required."""
+    """``GET /metrics``: Prometheus text format; an admin token is required
+    unless routed with ``public=True`` (the separate ``server.metrics_port``)."""
 
     def get(self) -> None:
-        self.claims("admin")
+        if not self.route_options.get("public"):
+            self.claims("admin")
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.hub.metrics.prometheus())
 

@@ -1,0 +1,284 @@
+"""Operations: heartbeats, slow clients, admin session management, metrics
+access, graceful shutdown (a real process, real signals)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from rtserver.app import make_metrics_app
+from rtserver.client import Client, ClientError
+
+from .conftest import Running, StartServer
+from .test_run import RUN, free_port, wait_http, write_config
+
+
+class RawWebSocket:
+    """A hand-made WebSocket client that can play dead: it answers no pings and,
+    with a tiny receive buffer, can stop reading. (The Tornado client always
+    answers pings and reads, so it cannot stand in for a dead or stuck peer.)"""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, rcvbuf: int | None = None) -> RawWebSocket:
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        mask = os.urandom(4)
+        n = len(payload)
+        header = (
+            struct.pack("!BB", 0x81, 0x80 | n)
+            if n < 126
+            else struct.pack("!BBH", 0x81, 0x80 | 126, n)
+        )
+        self.writer.write(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    async def read_text(self) -> dict:  # type: ignore[type-arg]
+        """The next text frame (skipping pings, which this peer never answers)."""
+        while True:
+            b0, b1 = await self.reader.readexactly(2)
+            n = b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif n == 127:
+                (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            data = await self.reader.readexactly(n)
+            if b0 & 0x0F == 0x1:
+                return json.loads(data)  # type: ignore[no-any-return]
+
+    async def register(self, token: str) -> dict:  # type: ignore[type-arg]
+        self.send_text(json.dumps({"event": "register", "id": 1, "data": {"token": token}}))
+        return await self.read_text()
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return predicate()
+
+
+async def test_dead_peer_is_reaped_within_interval_plus_timeout(start_server: StartServer) -> None:
+    """A peer that stops answering pings is closed within ping_interval +
+    ping_timeout, and its session leaves the registry and the metrics."""
+    srv = await start_server(server={"ping_interval": 0.2, "ping_timeout": 0.3})
+    dead = await RawWebSocket.connect(srv.port)
+    try:
+        ack = await dead.register(srv.token("ghost"))
+        assert ack["event"] == "ack"
+        assert srv.hub.get_user_sessions("ghost") == [ack["data"]["session_id"]]
+        started = time.monotonic()
+        assert await wait_until(lambda: srv.hub.get_user_sessions("ghost") == [], timeout=3)
+        assert time.monotonic() - started < 0.2 + 0.3 + 0.5
+        metrics = srv.hub.get_connection_metrics()
+        assert metrics["connections"] == 0 and metrics["sessions"] == 0
+    finally:
+        dead.close()
+
+
+async def test_slow_client_is_cut_off_while_others_receive(start_server: StartServer) -> None:
+    """A client that stops reading is disconnected (1013, counted, logged) once its
+    outbound queue passes the bound; another client receives everything."""
+    # 200 notifications of 60 KB (12 MB) overflow the kernel's socket buffers
+    # (at most 4 MB on this kind of machine) and then the 256 KiB bound.
+    srv = await start_server(
+        server={"max_outbound_bytes": 256 * 1024}, limits={"max_notification_bytes": 100_000}
+    )
+    fast = await srv.user("fast")
+    slow = await RawWebSocket.connect(srv.port, rcvbuf=4096)
+    try:
+        assert (await slow.register(srv.token("slow")))["event"] == "ack"
+        body = "x" * 60_000
+        for i in range(200):
+            await srv.hub.send_notification("slow", {"message": body, "n": i})
+            await srv.hub.send_notification("fast", {"message": str(i)})
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        got = [(await fast.next("notification"))["message"] for _ in range(200)]
+        assert got == [str(i) for i in range(200)]
+        assert await wait_until(lambda: srv.hub.get_user_sessions("slow") == [])
+        assert srv.hub.get_connection_metrics()["slow_client_disconnects_total"] == 1
+        assert srv.hub.get_connection_metrics()["outbound_queue_max_bytes"] <= 256 * 1024
+    finally:
+        slow.close()
+
+
+async def test_admin_lists_and_disconnects_sessions(server: Running) -> None:
+    """GET /api/admin/sessions shows user, since, address, queue depth;
+    DELETE disconnects one; the admin events do the same."""
+    victim = await server.user("victim")
+    token = server.token("root", "admin")
+    status, body = await server.http("GET", "/api/admin/sessions", token=token)
+    (entry,) = [s for s in body["sessions"] if s["user_id"] == "victim"]
+    assert status == 200
+    assert entry["session_id"] == victim.session_id and entry["remote_ip"] == "127.0.0.1"
+    assert entry["connected_at"] > 0 and entry["outbound_bytes"] == 0
+    status, _ = await server.http("DELETE", f"/api/admin/sessions/{victim.session_id}", token=token)
+    assert status == 200
+    await asyncio.wait_for(victim.closed.wait(), 5)
+    assert victim.close_code == 1008
+    assert (await server.http("DELETE", "/api/admin/sessions/gone", token=token))[0] == 404
+    admin = await server.connect()
+    await admin.register(token)
+    other = await server.user("other")
+    assert await admin.request("admin.disconnect", {"session_id": other.session_id}) == {
+        "disconnected": other.session_id
+    }
+    await asyncio.wait_for(other.closed.wait(), 5)
+    with_metrics = await admin.request("admin.metrics")
+    assert with_metrics["metrics"]["connections_accepted_total"] >= 3
+    try:
+        await admin.request("admin.disconnect", {"session_id": "gone"})
+    except ClientError as err:
+        assert err.code == "not_found"  # noqa: PT017
+
+
+async def test_metrics_on_a_separate_port_need_no_token(server: Running) -> None:
+    """server.metrics_port serves /metrics publicly on its own address, while the
+    main port keeps requiring an admin token."""
+    sockets = bind_sockets(0, "127.0.0.1")
+    port = sockets[0].getsockname()[1]
+    metrics_server = HTTPServer(make_metrics_app(server.hub))
+    metrics_server.add_sockets(sockets)
+    try:
+        resp = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/metrics")
+        text = resp.body.decode()
+        assert "rtserver_connections " in text and "rtserver_store_buffered" in text
+        assert (await server.http("GET", "/metrics"))[0] == 401
+    finally:
+        metrics_server.stop()
+        await metrics_server.close_all_connections()
+
+
+async def test_graceful_shutdown_loses_nothing(tmp_path: Path) -> None:
+    """SIGTERM while notifications are being sent: clients get 1001 with a
+    reconnect hint, the process exits 0, and after a restart every notification
+    that was accepted (201) is in the history."""
+    port = free_port()
+    cfg = write_config(tmp_path)
+    cmd = [*RUN, "--config", str(cfg), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    restarted = None
+    try:
+        await asyncio.get_running_loop().run_in_executor(
+            None, wait_http, f"http://127.0.0.1:{port}/healthz"
+        )
+        token = subprocess.run(
+            [*RUN, "token", "svc", "--role", "publisher", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        user_token = subprocess.run(
+            [*RUN, "token", "reader", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        client = await Client.connect(f"ws://127.0.0.1:{port}/ws")
+        await client.register(user_token)
+        http = AsyncHTTPClient()
+        accepted: list[str] = []
+        refused = 0
+
+        async def send(i: int) -> None:
+            nonlocal refused
+            try:
+                resp = await http.fetch(
+                    f"http://127.0.0.1:{port}/api/notifications/reader",
+                    method="POST",
+                    body=json.dumps({"message": f"m{i}"}),
+                    headers={"Authorization": f"Bearer {token}"},
+                    raise_error=False,
+                    request_timeout=5,
+                )
+            except OSError:
+                refused += 1
+                return
+            if resp.code == 201:
+                accepted.append(json.loads(resp.body)["notification"]["id"])
+            else:
+                assert resp.code in (503, 599), resp.code
+                refused += 1
+
+        for i in range(400):
+            if i == 100:
+                proc.send_signal(signal.SIGTERM)
+            await send(i)
+        await asyncio.wait_for(client.closed.wait(), 10)
+        assert client.close_code == 1001
+        assert client.close_reason is not None and "reconnect_after_ms=" in client.close_reason
+        await client.close()
+        assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 20) == 0
+        assert len(accepted) >= 100 and refused > 0
+
+        restarted = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await asyncio.get_running_loop().run_in_executor(
+            None, wait_http, f"http://127.0.0.1:{port}/healthz"
+        )
+        stored: list[str] = []
+        before = ""
+        while True:
+            query = f"?limit=500&before={before}" if before else "?limit=500"
+            resp = await http.fetch(
+                f"http://127.0.0.1:{port}/api/users/reader/notifications{query}",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            page = json.loads(resp.body)["notifications"]
+            if not page:
+                break
+            stored += [n["id"] for n in page]
+            before = page[-1]["id"]
+        assert set(accepted) <= set(stored)
+    finally:
+        for p in (proc, restarted):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_python_client_module_is_importable_without_server() -> None:
+    """rtserver.client works standalone (scripts and services import it)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import rtserver.client as c; print(c.Client.__name__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "Client"

@@ -1,8 +1,9 @@
 """Notifications: read state and history over the WebSocket, sending over HTTP.
 
-Events: ``mark_read`` and ``get_notifications``.
+Events: ``mark_read``, ``get_notifications`` and ``received`` (delivery receipts).
 Routes: ``POST /api/notifications/{user_id}``, ``POST /api/sessions/{id}/messages``,
-``GET /api/users/{user_id}/notifications`` and, where ``server.test_routes``
+``GET /api/users/{user_id}/notifications``,
+``GET /api/users/{user_id}/notifications/{id}`` and, where ``server.test_routes``
 is on, the seed's ``POST /api/test/notification/{user_id}``.
 """
 
@@ -26,6 +27,10 @@ class MarkRead(msgspec.Struct, forbid_unknown_fields=True):
     all: bool = False
 
 
+class Received(msgspec.Struct, forbid_unknown_fields=True):
+    ids: list[NotificationId]
+
+
 class GetNotifications(msgspec.Struct, forbid_unknown_fields=True):
     unread_only: bool = False
     limit: int = 50
@@ -47,6 +52,14 @@ async def mark_read(ctx: EventContext, data: MarkRead) -> dict[str, Any]:
     return {"updated": updated, "unread_count": unread}
 
 
+async def received(ctx: EventContext, data: Received) -> dict[str, Any]:
+    """Delivery receipts: no reply unless the frame has an id."""
+    cap = ctx.hub.config.limits.max_ids_per_mark_read
+    if len(data.ids) > cap:
+        raise ProtocolError(TOO_LARGE, f"data.ids: at most {cap} ids per received")
+    return {"confirmed": await ctx.hub.confirm_received(ctx.connection, data.ids)}
+
+
 async def get_notifications(ctx: EventContext, data: GetNotifications) -> dict[str, Any]:
     _check_limit(data.limit)
     found = await ctx.hub.get_notifications_for_user(
@@ -63,6 +76,27 @@ class SendHandler(APIHandler):
         result = await self.hub.send_notification(user_id, self.body())
         self.send(
             {"notification": result.notification.to_wire(), "delivered": result.delivered}, 201
+        )
+
+
+class NotificationHandler(APIHandler):
+    """``GET /api/users/{user_id}/notifications/{id}``: was it delivered, when,
+    read when. The user themself, or a publisher or admin."""
+
+    async def get(self, user_id: str, notification_id: str) -> None:
+        claims = self.claims("user")
+        if claims.sub != user_id and claims.role == "user":
+            raise ProtocolError(FORBIDDEN, "you may read only your own notifications", status=403)
+        n = await self.hub.get_notification(user_id, notification_id)
+        wire = n.to_wire()
+        self.send(
+            {
+                "notification": wire,
+                "delivered": n.delivered_at is not None,
+                "delivered_at": wire["delivered_at"],
+                "read": n.read,
+                "read_at": wire["read_at"],
+            }
         )
 
 
@@ -123,6 +157,7 @@ def rtserver_events(config: Config) -> list[EventHandler]:
     return [
         EventHandler("mark_read", mark_read, MarkRead),
         EventHandler("get_notifications", get_notifications, GetNotifications),
+        EventHandler("received", received, Received),
     ]
 
 
@@ -132,6 +167,7 @@ def rtserver_routes(config: Config) -> list[Route]:
         Route(r"/api/notifications/([^/]+)", SendHandler),
         Route(r"/api/sessions/([^/]+)/messages", SessionMessageHandler),
         Route(r"/api/users/([^/]+)/notifications", HistoryHandler),
+        Route(r"/api/users/([^/]+)/notifications/([^/]+)", NotificationHandler),
     ]
     if config.server.test_routes:
         routes.append(Route(r"/api/test/notification/([^/]+)", TestSendHandler))

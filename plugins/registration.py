@@ -37,6 +37,8 @@ TIMERS = "registration.timers"
 class Register(msgspec.Struct, forbid_unknown_fields=True):
     token: str
     last_id: str | None = None
+    #: Confirm what is received with "received" frames (delivery receipts).
+    receipts: bool = False
 
 
 class Refresh(msgspec.Struct, forbid_unknown_fields=True):
@@ -88,9 +90,16 @@ async def register(ctx: EventContext, data: Register) -> dict[str, Any]:
     conn.role = claims.role
     conn.claims = claims.raw
     conn.expires_at = claims.exp
+    conn.receipts = data.receipts
     unread = await hub.register_user_session(claims.sub, conn, last_id=data.last_id)
     _arm_expiry(hub, conn, claims)
-    log.info("session.registered", user_id=claims.sub, role=claims.role, resume=data.last_id)
+    log.info(
+        "session.registered",
+        user_id=claims.sub,
+        role=claims.role,
+        resume=data.last_id,
+        receipts=data.receipts,
+    )
     return {
         "user_id": claims.sub,
         "session_id": conn.session_id,

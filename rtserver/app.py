@@ -105,6 +105,13 @@ def make_app(
     )
     app.hub = hub
     app.plugins = loaded
+
+    def delivered(user_id: str, ids: list[str], connection: Any) -> None:
+        loaded.notify(
+            "rtserver_delivered", hub=hub, user_id=user_id, ids=ids, connection=connection
+        )
+
+    hub.delivered_listeners.append(delivered)
     return app
 
 

@@ -7,7 +7,10 @@
     await client.close()
 
 Requests are matched to their ack by id and raise ``ClientError`` on an error
-reply; pushes (frames without an id) queue up for ``next``.
+reply; pushes (frames without an id) queue up for ``next``. By default the
+client registers with delivery receipts: it confirms every notification it
+receives (batched) and drops duplicates (the same id pushed again), so a
+notification counts as delivered only once it really arrived here.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ class Client:
         self.close_reason: str | None = None
         self.user_id: str | None = None
         self.session_id: str | None = None
+        self.receipts = False
+        #: Automatic receipts can be paused (tests of at-least-once delivery).
+        self.auto_confirm = True
+        self._seen: dict[str, None] = {}
+        self._to_confirm: list[str] = []
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -64,6 +72,8 @@ class Client:
             fut = self._waiting.pop(frame.get("id"), None) if "id" in frame else None
             if fut is not None and not fut.done():
                 fut.set_result(frame)
+            elif frame.get("event") == "notification" and self.receipts:
+                self._on_notification(frame)
             else:
                 self._pushes.put_nowait(frame)
         self.close_code = self.ws.close_code
@@ -73,6 +83,36 @@ class Client:
             if not fut.done():
                 fut.set_exception(ConnectionError("connection closed"))
         self._waiting.clear()
+
+    def _on_notification(self, frame: dict[str, Any]) -> None:
+        nid = frame.get("data", {}).get("id")
+        if nid is None or frame["data"].get("broadcast"):
+            self._pushes.put_nowait(frame)
+            return
+        if self.auto_confirm:
+            if not self._to_confirm:
+                asyncio.get_running_loop().call_soon(self._confirm_soon)
+            self._to_confirm.append(nid)
+        if nid in self._seen:
+            return  # a duplicate (at-least-once): already handed over
+        self._seen[nid] = None
+        if len(self._seen) > 10_000:
+            del self._seen[next(iter(self._seen))]
+        self._pushes.put_nowait(frame)
+
+    def _confirm_soon(self) -> None:
+        ids, self._to_confirm = self._to_confirm, []
+        if ids and not self.closed.is_set():
+            with contextlib.suppress(Exception):
+                sent = self.ws.write_message(
+                    json.dumps({"event": "received", "data": {"ids": ids}})
+                )
+                # A closed socket only means the server offers them again later.
+                sent.add_done_callback(lambda f: f.exception())
+
+    async def confirm(self, ids: list[str]) -> None:
+        """Send a receipt by hand (when ``auto_confirm`` is off)."""
+        await self.send("received", {"ids": ids})
 
     async def send_raw(self, text: str | bytes, binary: bool = False) -> None:
         await self.ws.write_message(text, binary=binary)
@@ -99,10 +139,15 @@ class Client:
         result: dict[str, Any] = reply["data"]
         return result
 
-    async def register(self, token: str, last_id: str | None = None) -> dict[str, Any]:
+    async def register(
+        self, token: str, last_id: str | None = None, *, receipts: bool = True
+    ) -> dict[str, Any]:
         data: dict[str, Any] = {"token": token}
         if last_id is not None:
             data["last_id"] = last_id
+        if receipts:
+            data["receipts"] = True
+        self.receipts = receipts
         ack = await self.request("register", data)
         self.user_id, self.session_id = ack["user_id"], ack["session_id"]
         return ack

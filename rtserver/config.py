@@ -56,6 +56,9 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: Serve wss:// and https:// with this PEM certificate chain and key.
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: A notification pushed to a receipts-session and not confirmed within
+    #: this many seconds is pushed to the user's other receipts-sessions.
+    receipt_timeout: float = 10.0
     #: Seconds to wait for clients and the store during graceful shutdown.
     shutdown_timeout: float = 10.0
     #: At shutdown clients are told to reconnect after a delay spread evenly

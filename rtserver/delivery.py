@@ -49,12 +49,14 @@ class Delivery:
         *,
         notification_id: str | None = None,
         exclude: Connection | None = None,
+        framed: bytes | None = None,
     ) -> int:
-        """Push to every session of ``user_id``; returns how many were reached."""
+        """Push to every session of ``user_id``; returns how many were reached.
+        ``framed`` is the frame already built by ``frame(event, data)``."""
         targets = self.sessions.of_user(user_id)
         if not targets:
             return 0
-        payload = frame(event, data)
+        payload = framed or frame(event, data)
         n = 0
         for conn in targets:
             if conn is not exclude and conn.push(payload, notification_id):
@@ -85,14 +87,21 @@ class Delivery:
             self._kinds["broadcast"].inc(n)
         return n
 
+    def resend(self, conns: list[Connection], framed: bytes, notification_id: str) -> int:
+        """Push an unconfirmed notification again (same id) to these sessions."""
+        n = sum(1 for conn in conns if conn.push(framed, notification_id))
+        if n:
+            self._out.labels("notification").inc(n)
+            self._kinds["user"].inc(n)
+        return n
+
     def replay(
         self, conn: Connection, notifications_wire: list[tuple[str, dict[str, Any]]]
-    ) -> list[str]:
+    ) -> list[tuple[str, bytes]]:
         """Offline delivery: write a backlog page to a replaying connection;
-        returns the ids written."""
-        written = [
-            nid for nid, body in notifications_wire if conn.replay(frame("notification", body), nid)
-        ]
+        returns (id, frame) of what was written."""
+        framed = [(nid, frame("notification", body)) for nid, body in notifications_wire]
+        written = [(nid, f) for nid, f in framed if conn.replay(f, nid)]
         if written:
             self._out.labels("notification").inc(len(written))
             self._kinds["user"].inc(len(written))

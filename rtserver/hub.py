@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from tornado.ioloop import PeriodicCallback
 
 from rtserver.auth import Authenticator
 from rtserver.config import Config
-from rtserver.delivery import Delivery
+from rtserver.delivery import Delivery, frame
 from rtserver.limits import RateLimits
 from rtserver.log import get_logger
 from rtserver.metrics import Metrics
@@ -39,6 +39,7 @@ from rtserver.protocol import (
     check_shape,
     encode_json,
 )
+from rtserver.receipts import ReceiptTable
 from rtserver.sessions import Connection, SessionRegistry
 from rtserver.stores.base import MAX_PAGE, Store, StoreError
 
@@ -68,7 +69,12 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shutting_down = False
         self._periodic: list[PeriodicCallback] = []
-        self._delivered: list[str] = []
+        self._delivered: list[tuple[str, str, Connection | None]] = []
+        self.receipts = ReceiptTable()
+        self._inflight: dict[str, set[str]] = {}
+        #: Called as (user_id, ids, connection or None) when notifications
+        #: become delivered; the app forwards them to the rtserver_delivered hook.
+        self.delivered_listeners: list[Callable[[str, list[str], Connection | None], None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.metrics.bind_gauges(
             connections=lambda: len(self.sessions),
@@ -93,12 +99,16 @@ class Hub:
         if interval > 0:
             self._every(interval, self.log_metrics)
         server = self.config.server
+        self._every_sync(max(0.05, server.receipt_timeout / 2), self.resend_unconfirmed)
         if server.ping_interval > 0:
             tick = min(server.ping_interval, server.ping_timeout or server.ping_interval) / 2
-            pc = PeriodicCallback(self.heartbeat, tick * 1000)
-            pc.start()
-            self._periodic.append(pc)
+            self._every_sync(tick, self.heartbeat)
         log.info("store.opened", backend=self.store.name)
+
+    def _every_sync(self, seconds: float, job: Callable[[], None]) -> None:
+        pc = PeriodicCallback(job, seconds * 1000)
+        pc.start()
+        self._periodic.append(pc)
 
     def _every(self, seconds: float, job: Any) -> None:
         def tick() -> None:
@@ -194,13 +204,24 @@ class Hub:
         if not isinstance(user_id, str) or not user_id:
             raise ProtocolError("bad_request", "user_id: required non-empty string")
         notification = self.make_notification(user_id, payload)
-        await self._store_op("insert", self.store.insert(notification))
-        self.metrics.notifications.inc()
-        delivered = self.delivery.to_user(
-            user_id, "notification", notification.to_wire(), notification_id=notification.id
-        )
+        # Between insert and push the notification is "in flight": a replay
+        # that finds it in the store leaves it to this push, which keeps the
+        # user's notifications in order and sent once.
+        inflight = self._inflight.setdefault(user_id, set())
+        inflight.add(notification.id)
+        try:
+            await self._store_op("insert", self.store.insert(notification))
+            self.metrics.notifications.inc()
+            framed = frame("notification", notification.to_wire())
+            delivered = self.delivery.to_user(
+                user_id, "notification", None, notification_id=notification.id, framed=framed
+            )
+        finally:
+            inflight.discard(notification.id)
+            if not inflight:
+                self._inflight.pop(user_id, None)
         if delivered:
-            self._note_delivered(notification.id)
+            self._pushed(user_id, notification.id, framed)
         log.debug(
             "notification.sent",
             notification_id=notification.id,
@@ -235,18 +256,82 @@ class Hub:
         log.info("broadcast.sent", notification_id=notification.id, delivered=n)
         return n
 
-    def _note_delivered(self, notification_id: str) -> None:
+    def _pushed(self, user_id: str, notification_id: str, framed: bytes) -> None:
+        """After a live push: delivered now if a session without receipts got
+        it, else delivered once a receipts-session confirms."""
+        sessions = [c for c in self.sessions.of_user(user_id) if not c.closed]
+        if any(not c.receipts for c in sessions):
+            self._note_delivered(user_id, notification_id)
+        else:
+            self.receipts.expect(user_id, notification_id, framed, {c.session_id for c in sessions})
+
+    def _note_delivered(
+        self, user_id: str, notification_id: str, confirmed_by: Connection | None = None
+    ) -> None:
         """Batch ``delivered_at`` updates: one store call per loop iteration."""
         if not self._delivered:
             asyncio.get_running_loop().call_soon(lambda: self.spawn(self._flush_delivered()))
-        self._delivered.append(notification_id)
+        self._delivered.append((user_id, notification_id, confirmed_by))
 
     async def _flush_delivered(self) -> None:
-        ids, self._delivered = self._delivered, []
-        if ids:
-            # If this fails the notifications are offered again at the next
-            # register: at-least-once, never lost.
-            await self._store_op("mark_delivered", self.store.mark_delivered(ids, time.time()))
+        marks, self._delivered = self._delivered, []
+        if not marks:
+            return
+        # If this fails the notifications are offered again at the next
+        # register: at-least-once, never lost.
+        ids = [nid for _, nid, _ in marks]
+        await self._store_op("mark_delivered", self.store.mark_delivered(ids, time.time()))
+        groups: dict[tuple[str, int], tuple[Connection | None, list[str]]] = {}
+        for user_id, nid, conn in marks:
+            groups.setdefault((user_id, id(conn)), (conn, []))[1].append(nid)
+        for (user_id, _), (conn, group_ids) in groups.items():
+            self._fire_delivered(user_id, group_ids, conn)
+
+    def _fire_delivered(self, user_id: str, ids: list[str], connection: Connection | None) -> None:
+        for listener in self.delivered_listeners:
+            try:
+                listener(user_id, ids, connection)
+            except Exception:
+                log.exception("delivered_listener.failed")
+
+    async def confirm_received(self, connection: Connection, ids: Sequence[str]) -> int:
+        """A receipts-session confirms ``ids``: they are delivered from now on.
+        Ids of other users' notifications change nothing. Returns how many
+        confirmations were new to this process."""
+        assert connection.user_id is not None
+        user_id = connection.user_id
+        known, unknown, latencies = self.receipts.confirm(user_id, list(dict.fromkeys(ids)))
+        for seconds in latencies:
+            self.metrics.confirm_seconds.observe(seconds)
+        self.metrics.confirmed.inc(len(known))
+        for nid in known:
+            self._note_delivered(user_id, nid, connection)
+        if unknown:
+            # Not pushed by this process (a restart, or confirmed twice): the
+            # store is told, scoped to the user, and marks only first times.
+            await self._store_op(
+                "mark_delivered",
+                self.store.mark_delivered(unknown, time.time(), user_id=user_id),
+            )
+        return len(known)
+
+    def resend_unconfirmed(self) -> None:
+        """Push notifications unconfirmed for ``receipt_timeout`` to the user's
+        other receipts-sessions (same id: clients drop duplicates). With no
+        other session the entry is dropped: the store still has it undelivered,
+        so the user's next register offers it again."""
+        for nid, entry in self.receipts.due(self.config.server.receipt_timeout):
+            targets = [
+                c
+                for c in self.sessions.of_user(entry.user_id)
+                if c.receipts and not c.closed and c.session_id not in entry.tried
+            ]
+            if not targets:
+                self.receipts.forget(nid)
+                continue
+            n = self.delivery.resend(targets, entry.framed, nid)
+            self.metrics.resends.inc(n)
+            self.receipts.expect(entry.user_id, nid, entry.framed, {c.session_id for c in targets})
 
     # -- sessions ---------------------------------------------------------
 
@@ -302,9 +387,14 @@ class Hub:
                 return
             if not page:
                 break
-            written = self.delivery.replay(conn, [(n.id, n.to_wire()) for n in page])
-            for nid in written:
-                self._note_delivered(nid)
+            inflight = self._inflight.get(user_id, ())
+            settled = [(n.id, n.to_wire()) for n in page if n.id not in inflight]
+            written = self.delivery.replay(conn, settled)
+            for nid, framed in written:
+                if conn.receipts:
+                    self.receipts.expect(user_id, nid, framed, {conn.session_id})
+                else:
+                    self._note_delivered(user_id, nid)
             sent += len(page)
             cursor = page[-1].id
             if len(page) < limit:

@@ -58,6 +58,22 @@ class Metrics:
         self.notifications = Counter(
             "rtserver_notifications", "Notifications accepted and stored", registry=r
         )
+        self.confirmed = Counter(
+            "rtserver_receipts_confirmed",
+            "Notifications confirmed by a receipts-session",
+            registry=r,
+        )
+        self.resends = Counter(
+            "rtserver_receipts_resent",
+            "Unconfirmed notifications pushed again to another session",
+            registry=r,
+        )
+        self.confirm_seconds = Histogram(
+            "rtserver_receipt_seconds",
+            "From push to receipt, for receipts-sessions",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
+            registry=r,
+        )
         self.store_seconds = Histogram(
             "rtserver_store_seconds",
             "Store operation latency, by operation",

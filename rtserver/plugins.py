@@ -111,6 +111,14 @@ class Hookspecs:
     def rtserver_disconnect(self, hub: Hub, connection: Connection) -> None:
         """Called when a WebSocket closes; ``connection.user_id`` is set if it registered."""
 
+    @hookspec
+    def rtserver_delivered(
+        self, hub: Hub, user_id: str, ids: list[str], connection: Connection | None
+    ) -> None:
+        """Called when notifications of ``user_id`` become delivered: confirmed by
+        a receipts-session (``connection``), or first written to a session
+        without receipts (``connection`` None). At least once per notification."""
+
 
 @dataclass(frozen=True)
 class Registered:

@@ -254,9 +254,9 @@ class Notification(msgspec.Struct, kw_only=True):
             type=self.type,
             created_at=iso_utc(self.created_at),
             read=self.read,
+            read_at=None if self.read_at is None else iso_utc(self.read_at),
+            delivered_at=None if self.delivered_at is None else iso_utc(self.delivered_at),
         )
-        if self.read_at is not None:
-            body["read_at"] = iso_utc(self.read_at)
         if self.broadcast:
             body["broadcast"] = True
         return body

@@ -57,6 +57,7 @@ class Connection:
         "on_gone",
         "on_slow",
         "ping_sent_at",
+        "receipts",
         "registered_at",
         "remote_ip",
         "role",
@@ -73,6 +74,9 @@ class Connection:
         self.remote_ip = remote_ip
         self.connected_at = time.time()
         self.registered_at: float | None = None
+        #: The session confirms what it receives ("received" frames); what is
+        #: pushed to it counts as delivered only once confirmed.
+        self.receipts = False
         self.expires_at: float | None = None
         self.closed = False
         self.close_reason: str | None = None

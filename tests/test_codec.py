@@ -108,6 +108,8 @@ class TestNotifications:
             "type": "info",
             "created_at": "1970-01-01T00:00:00.000Z",
             "read": False,
+            "read_at": None,
+            "delivered_at": None,
         }
 
     @pytest.mark.parametrize(

@@ -113,7 +113,7 @@ class TestOfflineDelivery:
             [f"old{i}" for i in range(20)] + [f"new{i}" for i in range(20)]
         )
         assert got[:20] == [f"old{i}" for i in range(20)]
-        assert [m for m in got if m.startswith("new")] == [f"new{i}" for i in range(20)]
+        assert [m for m in got if m.startswith("new")] == [f"new{i}" for i in range(20)], got
         await asyncio.sleep(0.1)
         assert client.pending() == []
 

@@ -44,8 +44,11 @@ class Store(abc.ABC):
         """Store one notification. Raises ``StoreError`` when it was not stored."""
 
     @abc.abstractmethod
-    async def mark_delivered(self, ids: Sequence[str], at: float) -> None:
-        """Set ``delivered_at`` where it is not set yet."""
+    async def mark_delivered(
+        self, ids: Sequence[str], at: float, *, user_id: str | None = None
+    ) -> None:
+        """Set ``delivered_at`` where it is not set yet; only on ``user_id``'s
+        notifications when given (ids that came from a client)."""
 
     @abc.abstractmethod
     async def undelivered(

@@ -283,26 +283,31 @@ class MongoStore(Store):
             raise StoreError("mongodb is unreachable and the write buffer is full")
         self._buffer[doc["_id"]] = doc
 
-    async def _set_delivered(self, ids: Sequence[str], at: datetime) -> None:
-        await self._coll.update_many(
-            {"_id": {"$in": list(ids)}, "delivered": False},
-            {"$set": {"delivered": True, "delivered_at": at}},
-        )
+    async def _set_delivered(
+        self, ids: Sequence[str], at: datetime, user_id: str | None = None
+    ) -> None:
+        query: dict[str, Any] = {"_id": {"$in": list(ids)}, "delivered": False}
+        if user_id is not None:
+            query["user_id"] = user_id
+        await self._coll.update_many(query, {"$set": {"delivered": True, "delivered_at": at}})
 
-    async def mark_delivered(self, ids: Sequence[str], at: float) -> None:
+    async def mark_delivered(
+        self, ids: Sequence[str], at: float, *, user_id: str | None = None
+    ) -> None:
         if not ids:
             return
         when = _date(at)
         assert when is not None
         for nid in ids:
             buffered = self._buffer.get(nid)
-            if buffered is not None:
+            if buffered is not None and user_id in (None, buffered["user_id"]):
                 buffered.update(delivered=True, delivered_at=when)
         if self._degraded:
-            self._remember_delivered(ids, when)
+            if user_id is None:  # unscoped marks come from the server itself
+                self._remember_delivered(ids, when)
             return
         try:
-            await self._set_delivered(ids, when)
+            await self._set_delivered(ids, when, user_id)
         except ConnectionFailure:
             self._remember_delivered(ids, when)
             self._degrade()

@@ -179,16 +179,18 @@ class SQLiteStore(Store):
             if not fut.done():
                 fut.set_result(None)
 
-    async def mark_delivered(self, ids: Sequence[str], at: float) -> None:
+    async def mark_delivered(
+        self, ids: Sequence[str], at: float, *, user_id: str | None = None
+    ) -> None:
         if not ids:
             return
-        params = [(at, i) for i in ids]
-        await self._run(
-            lambda db: db.executemany(
-                "UPDATE notifications SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL",
-                params,
-            )
-        )
+        sql = "UPDATE notifications SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL"
+        if user_id is None:
+            params: list[tuple[Any, ...]] = [(at, i) for i in ids]
+        else:
+            sql += " AND user_id = ?"
+            params = [(at, i, user_id) for i in ids]
+        await self._run(lambda db: db.executemany(sql, params))
 
     async def mark_read(
         self, user_id: str, ids: Sequence[str] | None, at: float

@@ -13,6 +13,7 @@ import asyncio
 import random
 import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import tornado.web
@@ -29,7 +30,10 @@ from rtserver.web import (
     MetricsHandler,
     NotFoundHandler,
     ReadyHandler,
+    StaticHandler,
 )
+
+CLIENT_JS = (Path(__file__).resolve().parent / "static" / "rtclient.js").resolve()
 
 log = get_logger("rtserver")
 
@@ -89,6 +93,9 @@ def make_app(
         (r"/healthz", HealthHandler, base),
         (r"/readyz", ReadyHandler, base),
         (r"/metrics", MetricsHandler, base),
+        # The browser client; in a checkout rtserver/static/rtclient.js links to
+        # clients/js/rtclient.js (its npm home), so serve from where it really is.
+        (r"/static/(rtclient\.js)", StaticHandler, {**base, "path": str(CLIENT_JS.parent)}),
     ]
     for _, route in loaded.routes:
         handlers.append(

@@ -160,7 +160,7 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 class PluginsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: Names of entry points in the ``rtserver.plugins`` group to load.
-    enabled: tuple[str, ...] = ("registration", "notifications", "admin")
+    enabled: tuple[str, ...] = ("registration", "notifications", "admin", "demo")
     #: Free-form settings per plugin, handed to the plugin by name.
     settings: dict[str, dict[str, Any]] = {}
 

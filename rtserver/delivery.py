@@ -98,9 +98,13 @@ class Delivery:
     def replay(
         self, conn: Connection, notifications_wire: list[tuple[str, dict[str, Any]]]
     ) -> list[tuple[str, bytes]]:
-        """Offline delivery: write a backlog page to a replaying connection;
-        returns (id, frame) of what was written."""
-        framed = [(nid, frame("notification", body)) for nid, body in notifications_wire]
+        """Offline delivery: write a backlog page to a replaying connection,
+        each marked ``"replayed": true`` (already counted in the register
+        ack's ``unread_count``); returns (id, frame) of what was written."""
+        framed = [
+            (nid, frame("notification", {**body, "replayed": True}))
+            for nid, body in notifications_wire
+        ]
         written = [(nid, f) for nid, f in framed if conn.replay(f, nid)]
         if written:
             self._out.labels("notification").inc(len(written))

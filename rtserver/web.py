@@ -418,3 +418,15 @@ class NotFoundHandler(APIHandler):
     def prepare(self) -> None:
         super().prepare()
         raise ProtocolError("not_found", f"no route for {self.request.path}", status=404)
+
+
+class StaticHandler(tornado.web.StaticFileHandler):
+    """Static files (``/static/rtclient.js``); takes ``hub`` like every route."""
+
+    def initialize(  # type: ignore[override]
+        self, hub: Hub, path: str, default_filename: str | None = None
+    ) -> None:
+        super().initialize(path, default_filename)
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Cache-Control", "no-cache")

@@ -1,7 +1,7 @@
 """Notifications: read state and history over the WebSocket, sending over HTTP.
 
 Events: ``mark_read``, ``get_notifications`` and ``received`` (delivery receipts).
-Routes: ``POST /api/notifications/{user_id}``, ``POST /api/sessions/{id}/messages``,
+Routes: ``POST /api/notifications`` (batch), ``POST /api/notifications/{user_id}``, ``POST /api/sessions/{id}/messages``,
 ``GET /api/users/{user_id}/notifications``,
 ``GET /api/users/{user_id}/notifications/{id}`` and, where ``server.test_routes``
 is on, the seed's ``POST /api/test/notification/{user_id}``.
@@ -16,7 +16,7 @@ import msgspec
 from rtserver.config import Config
 from rtserver.plugins import EventContext, EventHandler, Route, hookimpl
 from rtserver.protocol import BAD_REQUEST, FORBIDDEN, TOO_LARGE, ProtocolError
-from rtserver.stores.base import MAX_PAGE
+from rtserver.stores.base import MAX_PAGE, StoreError
 from rtserver.web import APIHandler
 
 NotificationId = str
@@ -100,6 +100,39 @@ class NotificationHandler(APIHandler):
         )
 
 
+class BatchItem(msgspec.Struct, forbid_unknown_fields=True):
+    user_id: str
+    notification: dict[str, Any]
+
+
+class BatchHandler(APIHandler):
+    """``POST /api/notifications``: ``[{"user_id", "notification"}, ...]``
+    (publisher or admin) -> 201 ``{"results": [{"id", "delivered"}, ...]}``.
+
+    Every item is validated before any is stored: one bad item refuses the
+    batch (400 naming it). If the store refuses some, the answer is 503 and
+    ``results`` says which were accepted (``{"id", "delivered"}``) and which
+    were not (``{"error"}``): nothing is dropped silently.
+    """
+
+    async def post(self) -> None:
+        self.claims("publisher")
+        items = self.body(list[BatchItem])
+        cap = self.hub.config.limits.max_batch
+        if not items or len(items) > cap:
+            raise ProtocolError(BAD_REQUEST, f"body: a list of 1 to {cap} items")
+        results = await self.hub.send_notifications([(i.user_id, i.notification) for i in items])
+        out: list[dict[str, Any]] = []
+        failed = 0
+        for result in results:
+            if isinstance(result, StoreError):
+                failed += 1
+                out.append({"error": {"code": "unavailable", "message": "not stored; retry it"}})
+            else:
+                out.append({"id": result.notification.id, "delivered": result.delivered})
+        self.send({"results": out}, 503 if failed else 201)
+
+
 class TestSendHandler(APIHandler):
     """``POST /api/test/notification/{user_id}``: the seed's test route, no token.
 
@@ -164,6 +197,7 @@ def rtserver_events(config: Config) -> list[EventHandler]:
 @hookimpl
 def rtserver_routes(config: Config) -> list[Route]:
     routes = [
+        Route(r"/api/notifications", BatchHandler),
         Route(r"/api/notifications/([^/]+)", SendHandler),
         Route(r"/api/sessions/([^/]+)/messages", SessionMessageHandler),
         Route(r"/api/users/([^/]+)/notifications", HistoryHandler),

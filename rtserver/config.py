@@ -139,6 +139,8 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_depth: int = 8
     #: Most keys in any one object of a payload.
     max_fields: int = 64
+    #: Most notifications in one batch (POST /api/notifications).
+    max_batch: int = 1000
     #: Most ids in one mark_read.
     max_ids_per_mark_read: int = 500
     #: Open connections one user may hold (tabs, devices).

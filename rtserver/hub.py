@@ -47,6 +47,11 @@ T = TypeVar("T")
 log = get_logger("rtserver")
 
 
+def _check_user_id(user_id: Any) -> None:
+    if not isinstance(user_id, str) or not user_id or len(user_id) > 256:
+        raise ProtocolError("bad_request", "user_id: required string of 1 to 256 characters")
+
+
 class SendResult(NamedTuple):
     notification: Notification
     #: Live sessions the notification was written to (0: stored for later).
@@ -201,9 +206,39 @@ class Hub:
         Raises ``ProtocolError`` for an invalid payload and ``StoreError`` when
         it could not be stored (then it was not delivered either).
         """
-        if not isinstance(user_id, str) or not user_id:
-            raise ProtocolError("bad_request", "user_id: required non-empty string")
-        notification = self.make_notification(user_id, payload)
+        _check_user_id(user_id)
+        return await self._send(self.make_notification(user_id, payload))
+
+    async def send_notifications(
+        self, items: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[SendResult | StoreError]:
+        """Many notifications at once (the batch HTTP API). All are validated
+        before any is stored, so a bad item refuses the whole batch
+        (``ProtocolError``); the stores are batched by the backend. Each result
+        is a ``SendResult``, or the ``StoreError`` that kept that one out."""
+        notifications = []
+        for index, (user_id, payload) in enumerate(items):
+            try:
+                _check_user_id(user_id)
+                notifications.append(self.make_notification(user_id, payload))
+            except ProtocolError as err:
+                raise ProtocolError(
+                    err.code, f"[{index}]: {err.message}", status=err.status
+                ) from None
+        results = await asyncio.gather(
+            *(self._send(n) for n in notifications), return_exceptions=True
+        )
+        out: list[SendResult | StoreError] = []
+        for result in results:
+            if isinstance(result, SendResult | StoreError):
+                out.append(result)
+            else:
+                raise result
+        return out
+
+    async def _send(self, notification: Notification) -> SendResult:
+        user_id = notification.user_id
+        assert user_id is not None
         # Between insert and push the notification is "in flight": a replay
         # that finds it in the store leaves it to this push, which keeps the
         # user's notifications in order and sent once.
@@ -222,12 +257,6 @@ class Hub:
                 self._inflight.pop(user_id, None)
         if delivered:
             self._pushed(user_id, notification.id, framed)
-        log.debug(
-            "notification.sent",
-            notification_id=notification.id,
-            user_id=user_id,
-            delivered=delivered,
-        )
         return SendResult(notification, delivered)
 
     async def send_direct_message(self, session_id: str, payload: dict[str, Any]) -> int:

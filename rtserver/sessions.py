@@ -8,6 +8,7 @@ the others. Everything here runs on the IOLoop thread only.
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -22,12 +23,14 @@ class _Stream(Protocol):
 
     def write(self, data: bytes) -> Any: ...
     def closed(self) -> bool: ...
+    def writing(self) -> bool: ...
 
 
 class Transport(Protocol):
     """What a Connection needs from its WebSocket (``web.ConnectionHandler``)."""
 
     def raw_stream(self) -> _Stream | None: ...
+    def raw_socket(self) -> socket.socket | None: ...
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
     def send_ping(self) -> None: ...
     def abort(self) -> None: ...
@@ -108,12 +111,28 @@ class Connection:
     # -- output -----------------------------------------------------------
 
     def write(self, frame: bytes) -> bool:
-        """Write one framed message now. False when the connection is gone."""
+        """Write one framed message now. False when the connection is gone.
+
+        Fast path: when nothing is queued on a plain (non-TLS) stream, the frame
+        goes straight to the socket with one ``send()``; only what the kernel
+        does not take is queued on the stream (no Future, no Task per write).
+        """
         if self.closed:
             return False
         stream = self._transport.raw_stream()
         if stream is None or stream.closed():
             return False
+        sock = self._transport.raw_socket()
+        if sock is not None and not stream.writing():
+            try:
+                sent = sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return False  # the stream notices the dead socket on its own
+            if sent == len(frame):
+                return True
+            frame = frame[sent:]
         try:
             stream.write(frame)
         except StreamClosedError:

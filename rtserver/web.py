@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import socket
 import inspect
 import time
 from collections.abc import Awaitable
@@ -19,7 +20,7 @@ import msgspec
 import structlog
 import tornado.web
 import tornado.websocket
-from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamBufferFullError, StreamClosedError
 
 from rtserver.auth import Claims, require_role
 from rtserver.config import Role
@@ -190,6 +191,14 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
             return None
         return getattr(ws, "stream", None)
 
+    def raw_socket(self) -> socket.socket | None:
+        """The plain TCP socket for direct writes; None for TLS streams (the
+        bytes must go through SSL) or when the connection is closing."""
+        stream = self.raw_stream()
+        if stream is None or isinstance(stream, SSLIOStream):
+            return None
+        return self._socket
+
     def send_ping(self) -> None:
         ws = self.ws_connection
         if ws is not None and not ws.is_closing():
@@ -211,8 +220,10 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
         conn = self.conn = Connection(self, self.request.remote_ip)
         conn.last_seen = time.monotonic()
         stream = self.raw_stream()
+        self._socket: socket.socket | None = None
         if stream is not None:
             stream.max_write_buffer_size = self.hub.config.server.max_outbound_bytes
+            self._socket = stream.socket
         conn.on_slow = self._on_slow
         conn.on_gone = self._gone
         self.set_nodelay(True)

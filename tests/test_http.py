@@ -195,3 +195,46 @@ class TestErrors:
         assert (await server.http("GET", "/metrics", token=server.token("u")))[0] == 403
         status, text = await server.http("GET", "/metrics", token=server.token("root", "admin"))
         assert status == 200 and "rtserver_connections" in text
+
+
+class TestBatch:
+    async def test_batch_stores_and_delivers_each(self, server: Running) -> None:
+        """POST /api/notifications takes a list; each item is stored and pushed."""
+        a, b = await server.user("ba"), await server.user("bb")
+        items = [
+            {"user_id": "ba", "notification": {"message": "one"}},
+            {"user_id": "bb", "notification": {"message": "two", "k": 1}},
+            {"user_id": "nobody", "notification": {"message": "three"}},
+        ]
+        status, body = await server.http(
+            "POST", "/api/notifications", items, token=server.token("svc", "publisher")
+        )
+        assert status == 201
+        assert [r["delivered"] for r in body["results"]] == [1, 1, 0]
+        assert (await a.next("notification"))["message"] == "one"
+        assert (await b.next("notification"))["k"] == 1
+        assert [n.message for n in await server.hub.get_notifications_for_user("nobody")] == [
+            "three"
+        ]
+
+    async def test_one_bad_item_refuses_the_batch(self, server: Running) -> None:
+        """A bad item is named and nothing of the batch is stored."""
+        items = [
+            {"user_id": "ok", "notification": {"message": "fine"}},
+            {"user_id": "ok", "notification": {"type": "info"}},
+        ]
+        status, body = await server.http(
+            "POST", "/api/notifications", items, token=server.token("svc", "publisher")
+        )
+        assert status == 400 and body["error"]["message"].startswith("[1]: notification.message")
+        assert await server.hub.get_notifications_for_user("ok") == []
+
+    async def test_batch_needs_publisher_and_bounds(self, server: Running) -> None:
+        """Users cannot batch-send; empty or oversized batches are refused."""
+        assert (await server.http("POST", "/api/notifications", [], token=server.token("u")))[
+            0
+        ] == 403
+        token = server.token("svc", "publisher")
+        assert (await server.http("POST", "/api/notifications", [], token=token))[0] == 400
+        big = [{"user_id": "u", "notification": {"message": "x"}}] * 1001
+        assert (await server.http("POST", "/api/notifications", big, token=token))[0] == 400

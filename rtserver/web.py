@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import socket
 import inspect
+import socket
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar

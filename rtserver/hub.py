@@ -77,6 +77,7 @@ class Hub:
         self._delivered: list[tuple[str, str, Connection | None]] = []
         self.receipts = ReceiptTable()
         self._inflight: dict[str, set[str]] = {}
+        self._store_timers: dict[str, Any] = {}
         #: Called as (user_id, ids, connection or None) when notifications
         #: become delivered; the app forwards them to the rtserver_delivered hook.
         self.delivered_listeners: list[Callable[[str, list[str], Connection | None], None]] = []
@@ -179,7 +180,10 @@ class Hub:
             self.metrics.store_errors.labels(op).inc()
             raise
         finally:
-            self.metrics.store_seconds.labels(op).observe(time.perf_counter() - t0)
+            timer = self._store_timers.get(op)
+            if timer is None:
+                timer = self._store_timers[op] = self.metrics.store_seconds.labels(op)
+            timer.observe(time.perf_counter() - t0)
 
     # -- sending ----------------------------------------------------------
 
@@ -310,6 +314,8 @@ class Hub:
         # register: at-least-once, never lost.
         ids = [nid for _, nid, _ in marks]
         await self._store_op("mark_delivered", self.store.mark_delivered(ids, time.time()))
+        if not self.delivered_listeners:
+            return
         groups: dict[tuple[str, int], tuple[Connection | None, list[str]]] = {}
         for user_id, nid, conn in marks:
             groups.setdefault((user_id, id(conn)), (conn, []))[1].append(nid)

@@ -45,6 +45,7 @@ CREATE INDEX IF NOT EXISTS notifications_read_at
 """
 
 _COLUMNS = "id, user_id, created_at, read, read_at, delivered_at, body"
+_CHUNK = 500  # rows per multi-row statement (7 x 500 parameters, under SQLite's limit)
 
 
 class _Body(msgspec.Struct):
@@ -162,10 +163,17 @@ class SQLiteStore(Store):
         rows = [_row(n) for n, _ in batch]
 
         def write(db: sqlite3.Connection) -> None:
+            # Multi-row statements: one sqlite3_step (one GIL hand-off) per
+            # chunk instead of one per row, which matters when the IOLoop
+            # thread keeps the GIL busy.
             db.execute("BEGIN")
-            db.executemany(
-                f"INSERT INTO notifications ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
-            )
+            for start in range(0, len(rows), _CHUNK):
+                chunk = rows[start : start + _CHUNK]
+                marks = ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+                db.execute(
+                    f"INSERT INTO notifications ({_COLUMNS}) VALUES {marks}",
+                    [value for row in chunk for value in row],
+                )
             db.execute("COMMIT")
 
         try:
@@ -184,13 +192,21 @@ class SQLiteStore(Store):
     ) -> None:
         if not ids:
             return
-        sql = "UPDATE notifications SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL"
-        if user_id is None:
-            params: list[tuple[Any, ...]] = [(at, i) for i in ids]
-        else:
-            sql += " AND user_id = ?"
-            params = [(at, i, user_id) for i in ids]
-        await self._run(lambda db: db.executemany(sql, params))
+        scope = "" if user_id is None else " AND user_id = ?"
+        tail = [] if user_id is None else [user_id]
+        chunks = [list(ids[i : i + _CHUNK]) for i in range(0, len(ids), _CHUNK)]
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            for chunk in chunks:
+                db.execute(
+                    "UPDATE notifications SET delivered_at = ?"
+                    f" WHERE delivered_at IS NULL AND id IN ({','.join('?' * len(chunk))}){scope}",
+                    [at, *chunk, *tail],
+                )
+            db.execute("COMMIT")
+
+        await self._run(work)
 
     async def mark_read(
         self, user_id: str, ids: Sequence[str] | None, at: float

@@ -1,0 +1,1 @@
+"""rtserver's benchmark harness: ``python -m bench`` (see docs/benchmarks.md)."""

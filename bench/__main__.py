@@ -1,0 +1,270 @@
+"""Run the benchmark and print a table:  python -m bench [--quick]
+
+Every figure is measured in this run, side by side: rtserver, stock Tornado
+(``write_message(json.dumps(...))`` per client) and the raw ``send()`` limit of
+the same core. The server is pinned to CPU 0 and the C load generator
+(``bench/loadgen.c``, compiled here with gcc) to CPU 1; the generator reports
+its own CPU share so it can be seen not to be the bottleneck. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+HERE = Path(__file__).resolve().parent
+SECRET = "bench-secret-0123456789-0123456789-abcdef"
+SERVER_CPU, CLIENT_CPU = 0, 1 if (os.cpu_count() or 1) > 1 else 0
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pinned(cpu: int):  # type: ignore[no-untyped-def]
+    def setup() -> None:
+        raise_nofile()
+        os.sched_setaffinity(0, {cpu})
+
+    return setup
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def build_loadgen(workdir: Path) -> Path:
+    exe = workdir / "loadgen"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "loadgen.c")], check=True)
+    return exe
+
+
+def token_file(workdir: Path, n: int) -> Path:
+    path = workdir / f"tokens-{n}.txt"
+    if not path.exists():
+        exp = int(time.time()) + 86400
+        path.write_text("\n".join(jwt.encode({"sub": f"u{i}", "exp": exp}, SECRET, algorithm="HS256") for i in range(n)) + "\n")
+    return path
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def server(kind: str, workdir: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    port = free_port()
+    if kind == "rtserver":
+        data = tempfile.mkdtemp(dir=workdir)
+        cmd = [sys.executable, "-m", "bench.server", str(port), data, SECRET]
+    else:
+        cmd = [sys.executable, "-m", "bench.stock", str(port)]
+    proc = subprocess.Popen(cmd, cwd=HERE.parent, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(SERVER_CPU))
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    try:
+        yield port, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def start_client(loadgen: Path, args: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([str(loadgen), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pinned(CLIENT_CPU))
+    assert proc.stderr is not None
+    line = proc.stderr.readline().strip()
+    if line != "ready":
+        proc.kill()
+        raise RuntimeError(f"load generator failed: {line} {proc.stderr.read()}")
+    return proc
+
+
+def finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=300)
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def post(port: int, path: str, body: Any, token: str | None = None) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn.request("POST", path, json.dumps(body), headers)
+    resp = conn.getresponse()
+    data = json.loads(resp.read() or b"{}")
+    conn.close()
+    return data  # type: ignore[no-any-return]
+
+
+def fanout(kind: str, loadgen: Path, workdir: Path, n: int, total: int) -> dict[str, Any]:
+    """Broadcasts to n registered clients until about ``total`` deliveries."""
+    count = max(1, total // n)
+    with server(kind, workdir) as (port, _):
+        client = start_client(loadgen, ["client", "127.0.0.1", str(port), str(n), str(token_file(workdir, n)), str(count * n), "120"])
+        post(port, "/bench/broadcast", {"count": count, "size": 150})
+        return finish(client)
+
+
+def raw_limit(loadgen: Path, n: int, total: int) -> dict[str, Any]:
+    port = free_port()
+    srv = subprocess.Popen([str(loadgen), "rawserver", str(port), str(n), str(total), "150"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pinned(SERVER_CPU))
+    assert srv.stderr is not None and srv.stderr.readline().strip() == "listening"
+    client = start_client(loadgen, ["rawclient", "127.0.0.1", str(port), str(n), str(total), "120"])
+    received = finish(client)
+    sent = finish(srv)
+    return {"rate": sent["rate"], "received_rate": received["rate"], "client_cpu_share": received["client_cpu_share"]}
+
+
+def connections(loadgen: Path, workdir: Path, n: int) -> dict[str, Any]:
+    with server("rtserver", workdir) as (port, proc):
+        time.sleep(0.5)
+        before = rss_kb(proc.pid)
+        client = start_client(loadgen, ["client", "127.0.0.1", str(port), str(n), str(token_file(workdir, n)), "1", "3"])
+        after = rss_kb(proc.pid)
+        result = finish(client)
+        return {"n": n, "kb_per_connection": (after - before) / n, "accept_rate": n / result["open_seconds"], "registered": result["registered"], "rss_mb": after / 1024}
+
+
+def per_user(loadgen: Path, workdir: Path, users: int, count: int) -> dict[str, Any]:
+    with server("rtserver", workdir) as (port, _):
+        client = start_client(loadgen, ["client", "127.0.0.1", str(port), str(users), str(token_file(workdir, users)), str(count), "120"])
+        took = post(port, "/bench/send", {"count": count, "users": users})["seconds"]
+        result = finish(client)
+        return {"rate": count / took, "received": result["received"], "client_rate": result["rate"], "client_cpu_share": result["client_cpu_share"]}
+
+
+def http_publish(workdir: Path, connections_: int, batches: int, batch: int) -> dict[str, Any]:
+    token = jwt.encode({"sub": "svc", "role": "publisher", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+    with server("rtserver", workdir) as (port, _):
+        body = json.dumps([{"user_id": f"u{random.randrange(10000)}", "notification": {"message": "x" * 90}} for _ in range(batch)])
+        single = json.dumps({"message": "x" * 90})
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        done = [0, 0]
+
+        def worker(path: str, payload: str, n: int, slot: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            for _ in range(n):
+                conn.request("POST", path, payload, headers)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status == 201:
+                    done[slot] += 1
+            conn.close()
+
+        def run(path: str, payload: str, n: int, slot: int) -> float:
+            threads = [threading.Thread(target=worker, args=(path, payload, n, slot)) for _ in range(connections_)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return time.perf_counter() - t0
+
+        took = run("/api/notifications", body, batches, 0)
+        single_took = run("/api/notifications/u1", single, 500, 1)
+        return {"batch_rate": done[0] * batch / took, "single_rate": done[1] / single_took}
+
+
+def latency(loadgen: Path, workdir: Path, idle: int, rate: int, seconds: float) -> dict[str, Any]:
+    """HTTP POST to WebSocket receipt, at ``rate`` POSTs a second, to u0 while
+    ``idle`` other registered connections are open."""
+    n = idle + 1
+    token = jwt.encode({"sub": "svc", "role": "publisher", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+    total = int(rate * seconds)
+    with server("rtserver", workdir) as (port, _):
+        client = start_client(loadgen, ["client", "127.0.0.1", str(port), str(n), str(token_file(workdir, n)), str(total), str(seconds + 30)])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        start = time.perf_counter()
+        for i in range(total):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            conn.request("POST", "/api/notifications/u0", json.dumps({"message": "ping", "t": time.monotonic_ns()}), headers)
+            conn.getresponse().read()
+        conn.close()
+        return finish(client)["latency_ms"]  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run, about a minute)")
+    parser.add_argument("--only", default="fanout,connections,peruser,http,latency", help="comma-separated scenarios")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    if shutil.which("gcc") is None:
+        sys.exit("bench: gcc is needed to build the load generator (apt-get install gcc)")
+    raise_nofile()
+    scale = 0.1 if args.quick else 1.0
+    workdir = Path(tempfile.mkdtemp(prefix="rtbench-"))
+    loadgen = build_loadgen(workdir)
+    rows: list[tuple[str, str, str, str]] = []
+    print(f"machine: {os.cpu_count()} CPUs; server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}", flush=True)
+
+    for n in (1000, 10000) if "fanout" in only else ():
+        total = int(2_000_000 * scale)
+        raw = raw_limit(loadgen, n, total)
+        stock = fanout("stock", loadgen, workdir, n, int(total / 4))
+        ours = fanout("rtserver", loadgen, workdir, n, total)
+        rows.append((
+            f"broadcast fan-out, {n:,} clients (deliveries/s)",
+            f"{ours['rate']:,.0f}",
+            f"stock {stock['rate']:,.0f} ({ours['rate'] / stock['rate']:.1f}x); raw send() {raw['rate']:,.0f} ({ours['rate'] / raw['rate']:.0%})",
+            f"{ours['client_cpu_share']:.0%} / {stock['client_cpu_share']:.0%} / {raw['client_cpu_share']:.0%}",
+        ))
+        print(rows[-1], flush=True)
+
+    if "connections" in only:
+        conns = connections(loadgen, workdir, int(19000 * scale) if args.quick else 19000)
+        rows.append((f"connections open and registered ({conns['registered']:,})", f"{conns['kb_per_connection']:.1f} KB each", f"RSS {conns['rss_mb']:.0f} MB; accepted at {conns['accept_rate']:,.0f}/s", "-"))
+        print(rows[-1], flush=True)
+
+    if "peruser" in only:
+        pu = per_user(loadgen, workdir, 10000, int(200_000 * scale))
+        rows.append(("per-user sends, 10,000 users (stored + delivered/s)", f"{pu['rate']:,.0f}", f"received {pu['received']:,} at {pu['client_rate']:,.0f}/s", f"{pu['client_cpu_share']:.0%}"))
+        print(rows[-1], flush=True)
+
+    if "http" in only:
+        hp = http_publish(workdir, 4, int(100 * scale) or 10, 500)
+        rows.append(("HTTP publish, batches of 500 over 4 connections (notifications/s)", f"{hp['batch_rate']:,.0f}", f"single POSTs {hp['single_rate']:,.0f}/s", "-"))
+        print(rows[-1], flush=True)
+
+    for idle in (0, 10000) if "latency" in only else ():
+        lat = latency(loadgen, workdir, idle, 1000, 5 * scale if args.quick else 5)
+        rows.append((f"latency POST -> WebSocket at 1,000/s, {idle:,} idle (ms)", f"p50 {lat['p50']:.3f}", f"p99 {lat['p99']:.3f}; p99.9 {lat['p999']:.3f}; max {lat['max']:.3f} ({lat['samples']} samples)", "-"))
+        print(rows[-1], flush=True)
+
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'measure'.ljust(width)} | {'rtserver':>18} | baselines, same run | load generator CPU")
+    print("-" * (width + 90))
+    for name, ours_, base, cpu in rows:
+        print(f"{name.ljust(width)} | {ours_:>18} | {base} | {cpu}")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

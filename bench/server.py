@@ -1,0 +1,86 @@
+"""rtserver for the benchmark: the real app plus a bench-only plugin whose
+routes trigger server-side load (broadcasts, per-user sends) so that the
+measurement is of the delivery path, not of an HTTP client.
+
+    python -m bench.server PORT DATA_DIR SECRET
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from typing import Any
+
+from tornado.httpserver import HTTPServer
+
+from rtserver.app import make_app
+from rtserver.config import parse_config
+from rtserver.log import configure_logging
+from rtserver.plugins import Route, hookimpl
+from rtserver.web import APIHandler
+
+
+def pad(size: int) -> str:
+    return "x" * max(1, size - 60)  # the frame around it makes up the rest
+
+
+class BroadcastLoad(APIHandler):
+    """POST {"count", "size"}: that many broadcasts, yielding between them."""
+
+    async def post(self) -> None:
+        req = self.body()
+        payload = {"message": pad(req.get("size", 150))}
+        t0 = time.perf_counter()
+        for _ in range(req["count"]):
+            await self.hub.send_broadcast_notification(payload)
+            await asyncio.sleep(0)
+        self.send({"seconds": time.perf_counter() - t0})
+
+
+class SendLoad(APIHandler):
+    """POST {"count", "users"}: notifications to random users through the
+    Python API, stored and delivered, in concurrent chunks."""
+
+    async def post(self) -> None:
+        req = self.body()
+        users, count = req["users"], req["count"]
+        payload = {"message": pad(req.get("size", 150))}
+        t0 = time.perf_counter()
+        chunk = 1000
+        for start in range(0, count, chunk):
+            n = min(chunk, count - start)
+            await asyncio.gather(
+                *(self.hub.send_notification(f"u{random.randrange(users)}", payload) for _ in range(n))
+            )
+        self.send({"seconds": time.perf_counter() - t0})
+
+
+class BenchPlugin:
+    @hookimpl
+    def rtserver_routes(self, config: Any) -> list[Route]:
+        return [Route(r"/bench/broadcast", BroadcastLoad), Route(r"/bench/send", SendLoad)]
+
+
+async def main(port: int, data_dir: str, secret: str) -> None:
+    config = parse_config(
+        {
+            "server": {"port": port, "ping_interval": 0, "max_outbound_bytes": 64 * 1024 * 1024},
+            "auth": {"secret": secret},
+            "store": {"data_dir": data_dir, "cleanup_interval": 0},
+            "logging": {"format": "json", "level": "warning", "metrics_interval": 0},
+            "limits": {"http_requests_per_second": 1e9, "connections_per_second": 1e9, "frames_per_second": 1e9, "frame_burst": 10**9},
+        }
+    )
+    configure_logging(config.logging)
+    app = make_app(config, plugins=[("bench", BenchPlugin())])
+    await app.startup()
+    server = HTTPServer(app, max_body_size=64 * 1024 * 1024)
+    server.listen(port, "127.0.0.1", backlog=4096)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))

@@ -35,7 +35,7 @@ SERVER_CPU, CLIENT_CPU = 0, 1 if (os.cpu_count() or 1) > 1 else 0
 
 
 def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -64,7 +64,13 @@ def token_file(workdir: Path, n: int) -> Path:
     path = workdir / f"tokens-{n}.txt"
     if not path.exists():
         exp = int(time.time()) + 86400
-        path.write_text("\n".join(jwt.encode({"sub": f"u{i}", "exp": exp}, SECRET, algorithm="HS256") for i in range(n)) + "\n")
+        path.write_text(
+            "\n".join(
+                jwt.encode({"sub": f"u{i}", "exp": exp}, SECRET, algorithm="HS256")
+                for i in range(n)
+            )
+            + "\n"
+        )
     return path
 
 
@@ -83,7 +89,9 @@ def server(kind: str, workdir: Path) -> Iterator[tuple[int, subprocess.Popen[str
         cmd = [sys.executable, "-m", "bench.server", str(port), data, SECRET]
     else:
         cmd = [sys.executable, "-m", "bench.stock", str(port)]
-    proc = subprocess.Popen(cmd, cwd=HERE.parent, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(SERVER_CPU))
+    proc = subprocess.Popen(
+        cmd, cwd=HERE.parent, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(SERVER_CPU)
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     try:
         yield port, proc
@@ -93,7 +101,13 @@ def server(kind: str, workdir: Path) -> Iterator[tuple[int, subprocess.Popen[str
 
 
 def start_client(loadgen: Path, args: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([str(loadgen), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pinned(CLIENT_CPU))
+    proc = subprocess.Popen(
+        [str(loadgen), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=pinned(CLIENT_CPU),
+    )
     assert proc.stderr is not None
     line = proc.stderr.readline().strip()
     if line != "ready":
@@ -123,43 +137,103 @@ def fanout(kind: str, loadgen: Path, workdir: Path, n: int, total: int) -> dict[
     """Broadcasts to n registered clients until about ``total`` deliveries."""
     count = max(1, total // n)
     with server(kind, workdir) as (port, _):
-        client = start_client(loadgen, ["client", "127.0.0.1", str(port), str(n), str(token_file(workdir, n)), str(count * n), "120"])
+        client = start_client(
+            loadgen,
+            [
+                "client",
+                "127.0.0.1",
+                str(port),
+                str(n),
+                str(token_file(workdir, n)),
+                str(count * n),
+                "120",
+            ],
+        )
         post(port, "/bench/broadcast", {"count": count, "size": 150})
         return finish(client)
 
 
 def raw_limit(loadgen: Path, n: int, total: int) -> dict[str, Any]:
     port = free_port()
-    srv = subprocess.Popen([str(loadgen), "rawserver", str(port), str(n), str(total), "150"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pinned(SERVER_CPU))
+    srv = subprocess.Popen(
+        [str(loadgen), "rawserver", str(port), str(n), str(total), "150"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=pinned(SERVER_CPU),
+    )
     assert srv.stderr is not None and srv.stderr.readline().strip() == "listening"
     client = start_client(loadgen, ["rawclient", "127.0.0.1", str(port), str(n), str(total), "120"])
     received = finish(client)
     sent = finish(srv)
-    return {"rate": sent["rate"], "received_rate": received["rate"], "client_cpu_share": received["client_cpu_share"]}
+    return {
+        "rate": sent["rate"],
+        "received_rate": received["rate"],
+        "client_cpu_share": received["client_cpu_share"],
+    }
 
 
 def connections(loadgen: Path, workdir: Path, n: int) -> dict[str, Any]:
+    """Open and register n connections; RSS per connection while they are open."""
+    tokens = token_file(workdir, n)
     with server("rtserver", workdir) as (port, proc):
         time.sleep(0.5)
         before = rss_kb(proc.pid)
-        client = start_client(loadgen, ["client", "127.0.0.1", str(port), str(n), str(token_file(workdir, n)), "1", "3"])
+        t0 = time.perf_counter()
+        client = start_client(
+            loadgen, ["client", "127.0.0.1", str(port), str(n), str(tokens), "0", "600"]
+        )
+        took = time.perf_counter() - t0
+        time.sleep(1.0)
         after = rss_kb(proc.pid)
-        result = finish(client)
-        return {"n": n, "kb_per_connection": (after - before) / n, "accept_rate": n / result["open_seconds"], "registered": result["registered"], "rss_mb": after / 1024}
+        client.kill()
+        client.wait()
+        return {
+            "n": n,
+            "kb_per_connection": (after - before) / n,
+            "accept_rate": n / took,
+            "registered": n,
+            "rss_mb": after / 1024,
+        }
 
 
 def per_user(loadgen: Path, workdir: Path, users: int, count: int) -> dict[str, Any]:
     with server("rtserver", workdir) as (port, _):
-        client = start_client(loadgen, ["client", "127.0.0.1", str(port), str(users), str(token_file(workdir, users)), str(count), "120"])
+        client = start_client(
+            loadgen,
+            [
+                "client",
+                "127.0.0.1",
+                str(port),
+                str(users),
+                str(token_file(workdir, users)),
+                str(count),
+                "120",
+            ],
+        )
         took = post(port, "/bench/send", {"count": count, "users": users})["seconds"]
         result = finish(client)
-        return {"rate": count / took, "received": result["received"], "client_rate": result["rate"], "client_cpu_share": result["client_cpu_share"]}
+        return {
+            "rate": count / took,
+            "received": result["received"],
+            "client_rate": result["rate"],
+            "client_cpu_share": result["client_cpu_share"],
+        }
 
 
 def http_publish(workdir: Path, connections_: int, batches: int, batch: int) -> dict[str, Any]:
-    token = jwt.encode({"sub": "svc", "role": "publisher", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+    token = jwt.encode(
+        {"sub": "svc", "role": "publisher", "exp": int(time.time()) + 3600},
+        SECRET,
+        algorithm="HS256",
+    )
     with server("rtserver", workdir) as (port, _):
-        body = json.dumps([{"user_id": f"u{random.randrange(10000)}", "notification": {"message": "x" * 90}} for _ in range(batch)])
+        body = json.dumps(
+            [
+                {"user_id": f"u{random.randrange(10000)}", "notification": {"message": "x" * 90}}
+                for _ in range(batch)
+            ]
+        )
         single = json.dumps({"message": "x" * 90})
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         done = [0, 0]
@@ -175,7 +249,10 @@ def http_publish(workdir: Path, connections_: int, batches: int, batch: int) -> 
             conn.close()
 
         def run(path: str, payload: str, n: int, slot: int) -> float:
-            threads = [threading.Thread(target=worker, args=(path, payload, n, slot)) for _ in range(connections_)]
+            threads = [
+                threading.Thread(target=worker, args=(path, payload, n, slot))
+                for _ in range(connections_)
+            ]
             t0 = time.perf_counter()
             for t in threads:
                 t.start()
@@ -192,10 +269,25 @@ def latency(loadgen: Path, workdir: Path, idle: int, rate: int, seconds: float) 
     """HTTP POST to WebSocket receipt, at ``rate`` POSTs a second, to u0 while
     ``idle`` other registered connections are open."""
     n = idle + 1
-    token = jwt.encode({"sub": "svc", "role": "publisher", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+    token = jwt.encode(
+        {"sub": "svc", "role": "publisher", "exp": int(time.time()) + 3600},
+        SECRET,
+        algorithm="HS256",
+    )
     total = int(rate * seconds)
     with server("rtserver", workdir) as (port, _):
-        client = start_client(loadgen, ["client", "127.0.0.1", str(port), str(n), str(token_file(workdir, n)), str(total), str(seconds + 30)])
+        client = start_client(
+            loadgen,
+            [
+                "client",
+                "127.0.0.1",
+                str(port),
+                str(n),
+                str(token_file(workdir, n)),
+                str(total),
+                str(seconds + 30),
+            ],
+        )
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         start = time.perf_counter()
@@ -203,16 +295,31 @@ def latency(loadgen: Path, workdir: Path, idle: int, rate: int, seconds: float) 
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            conn.request("POST", "/api/notifications/u0", json.dumps({"message": "ping", "t": time.monotonic_ns()}), headers)
+            conn.request(
+                "POST",
+                "/api/notifications/u0",
+                json.dumps({"message": "ping", "t": time.monotonic_ns()}),
+                headers,
+            )
             conn.getresponse().read()
         conn.close()
         return finish(client)["latency_ms"]  # type: ignore[no-any-return]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run, about a minute)")
-    parser.add_argument("--only", default="fanout,connections,peruser,http,latency", help="comma-separated scenarios")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller counts (a smoke run, about a minute)"
+    )
+    parser.add_argument(
+        "--only",
+        default="fanout,connections,peruser,http,latency",
+        help="comma-separated scenarios",
+    )
     args = parser.parse_args()
     only = set(args.only.split(","))
     if shutil.which("gcc") is None:
@@ -222,39 +329,72 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="rtbench-"))
     loadgen = build_loadgen(workdir)
     rows: list[tuple[str, str, str, str]] = []
-    print(f"machine: {os.cpu_count()} CPUs; server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}", flush=True)
+    print(
+        f"machine: {os.cpu_count()} CPUs; server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}",
+        flush=True,
+    )
 
     for n in (1000, 10000) if "fanout" in only else ():
         total = int(2_000_000 * scale)
         raw = raw_limit(loadgen, n, total)
         stock = fanout("stock", loadgen, workdir, n, int(total / 4))
         ours = fanout("rtserver", loadgen, workdir, n, total)
-        rows.append((
-            f"broadcast fan-out, {n:,} clients (deliveries/s)",
-            f"{ours['rate']:,.0f}",
-            f"stock {stock['rate']:,.0f} ({ours['rate'] / stock['rate']:.1f}x); raw send() {raw['rate']:,.0f} ({ours['rate'] / raw['rate']:.0%})",
-            f"{ours['client_cpu_share']:.0%} / {stock['client_cpu_share']:.0%} / {raw['client_cpu_share']:.0%}",
-        ))
+        rows.append(
+            (
+                f"broadcast fan-out, {n:,} clients (deliveries/s)",
+                f"{ours['rate']:,.0f}",
+                f"stock {stock['rate']:,.0f} ({ours['rate'] / stock['rate']:.1f}x); raw send() {raw['rate']:,.0f} ({ours['rate'] / raw['rate']:.0%})",
+                f"{ours['client_cpu_share']:.0%} / {stock['client_cpu_share']:.0%} / {raw['client_cpu_share']:.0%}",
+            )
+        )
         print(rows[-1], flush=True)
 
     if "connections" in only:
         conns = connections(loadgen, workdir, int(19000 * scale) if args.quick else 19000)
-        rows.append((f"connections open and registered ({conns['registered']:,})", f"{conns['kb_per_connection']:.1f} KB each", f"RSS {conns['rss_mb']:.0f} MB; accepted at {conns['accept_rate']:,.0f}/s", "-"))
+        rows.append(
+            (
+                f"connections open and registered ({conns['registered']:,})",
+                f"{conns['kb_per_connection']:.1f} KB each",
+                f"RSS {conns['rss_mb']:.0f} MB; accepted at {conns['accept_rate']:,.0f}/s",
+                "-",
+            )
+        )
         print(rows[-1], flush=True)
 
     if "peruser" in only:
         pu = per_user(loadgen, workdir, 10000, int(200_000 * scale))
-        rows.append(("per-user sends, 10,000 users (stored + delivered/s)", f"{pu['rate']:,.0f}", f"received {pu['received']:,} at {pu['client_rate']:,.0f}/s", f"{pu['client_cpu_share']:.0%}"))
+        rows.append(
+            (
+                "per-user sends, 10,000 users (stored + delivered/s)",
+                f"{pu['rate']:,.0f}",
+                f"received {pu['received']:,} at {pu['client_rate']:,.0f}/s",
+                f"{pu['client_cpu_share']:.0%}",
+            )
+        )
         print(rows[-1], flush=True)
 
     if "http" in only:
         hp = http_publish(workdir, 4, int(100 * scale) or 10, 500)
-        rows.append(("HTTP publish, batches of 500 over 4 connections (notifications/s)", f"{hp['batch_rate']:,.0f}", f"single POSTs {hp['single_rate']:,.0f}/s", "-"))
+        rows.append(
+            (
+                "HTTP publish, batches of 500 over 4 connections (notifications/s)",
+                f"{hp['batch_rate']:,.0f}",
+                f"single POSTs {hp['single_rate']:,.0f}/s",
+                "-",
+            )
+        )
         print(rows[-1], flush=True)
 
     for idle in (0, 10000) if "latency" in only else ():
         lat = latency(loadgen, workdir, idle, 1000, 5 * scale if args.quick else 5)
-        rows.append((f"latency POST -> WebSocket at 1,000/s, {idle:,} idle (ms)", f"p50 {lat['p50']:.3f}", f"p99 {lat['p99']:.3f}; p99.9 {lat['p999']:.3f}; max {lat['max']:.3f} ({lat['samples']} samples)", "-"))
+        rows.append(
+            (
+                f"latency POST -> WebSocket at 1,000/s, {idle:,} idle (ms)",
+                f"p50 {lat['p50']:.3f}",
+                f"p99 {lat['p99']:.3f}; p99.9 {lat['p999']:.3f}; max {lat['max']:.3f} ({lat['samples']} samples)",
+                "-",
+            )
+        )
         print(rows[-1], flush=True)
 
     width = max(len(r[0]) for r in rows)

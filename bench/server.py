@@ -52,7 +52,10 @@ class SendLoad(APIHandler):
         for start in range(0, count, chunk):
             n = min(chunk, count - start)
             await asyncio.gather(
-                *(self.hub.send_notification(f"u{random.randrange(users)}", payload) for _ in range(n))
+                *(
+                    self.hub.send_notification(f"u{random.randrange(users)}", payload)
+                    for _ in range(n)
+                )
             )
         self.send({"seconds": time.perf_counter() - t0})
 
@@ -70,7 +73,12 @@ async def main(port: int, data_dir: str, secret: str) -> None:
             "auth": {"secret": secret},
             "store": {"data_dir": data_dir, "cleanup_interval": 0},
             "logging": {"format": "json", "level": "warning", "metrics_interval": 0},
-            "limits": {"http_requests_per_second": 1e9, "connections_per_second": 1e9, "frames_per_second": 1e9, "frame_burst": 10**9},
+            "limits": {
+                "http_requests_per_second": 1e9,
+                "connections_per_second": 1e9,
+                "frames_per_second": 1e9,
+                "frame_burst": 10**9,
+            },
         }
     )
     configure_logging(config.logging)

@@ -34,7 +34,10 @@ class StockSocket(tornado.websocket.WebSocketHandler):
 class BroadcastLoad(tornado.web.RequestHandler):
     async def post(self) -> None:
         req = json.loads(self.request.body)
-        note = {"event": "notification", "data": {"message": "x" * max(1, req.get("size", 150) - 60)}}
+        note = {
+            "event": "notification",
+            "data": {"message": "x" * max(1, req.get("size", 150) - 60)},
+        }
         t0 = time.perf_counter()
         for _ in range(req["count"]):
             for client in list(CLIENTS):

@@ -33,9 +33,9 @@ class ListSessions(msgspec.Struct, forbid_unknown_fields=True):
     user_id: str | None = None
 
 
-def session_list(hub: Hub, user_id: str | None = None) -> list[dict[str, Any]]:
-    conns = hub.sessions.of_user(user_id) if user_id else list(hub.sessions)
-    return [c.info() for c in conns]
+async def session_list(hub: Hub, user_id: str | None = None) -> list[dict[str, Any]]:
+    """Sessions on every node of the cluster (just this one without a broker)."""
+    return await hub.cluster_sessions(user_id)
 
 
 def disconnect(hub: Hub, session_id: str) -> None:
@@ -47,8 +47,8 @@ async def broadcast_event(ctx: EventContext, data: Broadcast) -> dict[str, Any]:
     return {"delivered": await ctx.hub.send_broadcast_notification(data.notification)}
 
 
-def sessions_event(ctx: EventContext, data: ListSessions) -> dict[str, Any]:
-    return {"sessions": session_list(ctx.hub, data.user_id)}
+async def sessions_event(ctx: EventContext, data: ListSessions) -> dict[str, Any]:
+    return {"sessions": await session_list(ctx.hub, data.user_id)}
 
 
 def disconnect_event(ctx: EventContext, data: Disconnect) -> dict[str, Any]:
@@ -56,8 +56,8 @@ def disconnect_event(ctx: EventContext, data: Disconnect) -> dict[str, Any]:
     return {"disconnected": data.session_id}
 
 
-def metrics_event(ctx: EventContext, data: dict[str, Any]) -> dict[str, Any]:
-    return {"metrics": ctx.hub.get_connection_metrics()}
+async def metrics_event(ctx: EventContext, data: dict[str, Any]) -> dict[str, Any]:
+    return {"metrics": ctx.hub.get_connection_metrics(), **(await ctx.hub.cluster_metrics())}
 
 
 class BroadcastHandler(APIHandler):
@@ -71,9 +71,10 @@ class BroadcastHandler(APIHandler):
 class SessionsHandler(APIHandler):
     """``GET /api/admin/sessions[?user_id=U]``."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         self.claims("admin")
-        self.send({"sessions": session_list(self.hub, self.get_query_argument("user_id", None))})
+        user_id = self.get_query_argument("user_id", None)
+        self.send({"sessions": await session_list(self.hub, user_id)})
 
 
 class SessionHandler(APIHandler):
@@ -88,9 +89,11 @@ class SessionHandler(APIHandler):
 class MetricsJSONHandler(APIHandler):
     """``GET /api/admin/metrics``: ``get_connection_metrics()`` as JSON."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         self.claims("admin")
-        self.send({"metrics": self.hub.get_connection_metrics()})
+        self.send(
+            {"metrics": self.hub.get_connection_metrics(), **(await self.hub.cluster_metrics())}
+        )
 
 
 @hookimpl

@@ -160,6 +160,24 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_replay: int = 5000
 
 
+class BrokerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    #: "redis" joins a cluster through Redis pub/sub; "none" (or no broker
+    #: section at all) is a single process.
+    backend: Literal["redis", "none"] = "redis"
+    url: str | None = "redis://127.0.0.1:6379/0"
+    #: This node's id; generated when not set.
+    node_id: str | None = None
+    #: Key and channel prefix, so several clusters can share one Redis.
+    prefix: str = "rt"
+    #: Seconds after which a silent node's sessions vanish from the cluster view.
+    session_ttl: float = 10.0
+    #: Seconds to wait for one Redis operation.
+    timeout: float = 2.0
+    #: Publishes waiting for Redis; past this they are skipped (the receivers'
+    #: offline delivery and last_id resume cover them).
+    outbox_limit: int = 100000
+
+
 class PluginsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: Names of entry points in the ``rtserver.plugins`` group to load.
     enabled: tuple[str, ...] = ("registration", "notifications", "admin", "demo")
@@ -174,6 +192,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     logging: LoggingConfig = LoggingConfig()
     limits: LimitsConfig = LimitsConfig()
     plugins: PluginsConfig = PluginsConfig()
+    broker: BrokerConfig | None = None
 
     def replace(self, **sections: Any) -> Config:
         """A copy with whole sections replaced (tests and CLI overrides)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rtserver.broker import LocalBroker
 from rtserver.metrics import Metrics
 from rtserver.protocol import FrameId, encode, ws_text_frame
 from rtserver.sessions import Connection, SessionRegistry
@@ -21,9 +22,16 @@ def frame(event: str, data: Any, frame_id: FrameId | None = None) -> bytes:
 
 
 class Delivery:
-    def __init__(self, sessions: SessionRegistry, metrics: Metrics) -> None:
+    """Local delivery, with the cluster's broker behind it: every fan-out
+    (to a user, a broadcast) is published once for the other nodes, unless it
+    came from them (``fan_out=False``)."""
+
+    def __init__(
+        self, sessions: SessionRegistry, metrics: Metrics, broker: LocalBroker | None = None
+    ) -> None:
         self.sessions = sessions
         self.metrics = metrics
+        self.broker = broker or LocalBroker()
         self._out = metrics.frames_out
         self._kinds = {k: metrics.deliveries.labels(k) for k in ("user", "session", "broadcast")}
 
@@ -50,16 +58,24 @@ class Delivery:
         notification_id: str | None = None,
         exclude: Connection | None = None,
         framed: bytes | None = None,
+        fan_out: bool = True,
+        exclude_session: str | None = None,
     ) -> int:
-        """Push to every session of ``user_id``; returns how many were reached.
+        """Push to every session of ``user_id`` here (and, through the broker,
+        on other nodes); returns how many sessions here were reached.
         ``framed`` is the frame already built by ``frame(event, data)``."""
+        payload = framed or frame(event, data)
+        if fan_out and self.broker.enabled:
+            origin = exclude.session_id if exclude is not None else None
+            self.broker.publish_user(user_id, payload, notification_id, origin)
         targets = self.sessions.of_user(user_id)
         if not targets:
             return 0
-        payload = framed or frame(event, data)
         n = 0
         for conn in targets:
-            if conn is not exclude and conn.push(payload, notification_id):
+            if conn is exclude or conn.session_id == exclude_session:
+                continue
+            if conn.push(payload, notification_id):
                 n += 1
         if n:
             self._out.labels(event).inc(n)
@@ -76,8 +92,15 @@ class Delivery:
         return True
 
     def broadcast(self, event: str, data: Any) -> int:
-        """Push to every registered session; returns how many were reached."""
-        payload = frame(event, data)
+        """Push to every registered session, on every node; returns how many
+        sessions here were reached."""
+        return self.broadcast_framed(frame(event, data))
+
+    def broadcast_framed(
+        self, payload: bytes, *, fan_out: bool = True, event: str = "notification"
+    ) -> int:
+        if fan_out and self.broker.enabled:
+            self.broker.publish_broadcast(payload)
         n = 0
         for conn in self.sessions.registered():
             if conn.push(payload):
@@ -86,6 +109,14 @@ class Delivery:
             self._out.labels(event).inc(n)
             self._kinds["broadcast"].inc(n)
         return n
+
+    def to_connection_framed(self, conn: Connection, payload: bytes, event: str) -> bool:
+        """A frame built elsewhere (another node) to one session here."""
+        ok = conn.push(payload)
+        if ok:
+            self._out.labels(event).inc()
+            self._kinds["session"].inc()
+        return ok
 
     def resend(self, conns: list[Connection], framed: bytes, notification_id: str) -> int:
         """Push an unconfirmed notification again (same id) to these sessions."""

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, TypeVar
 from tornado.ioloop import PeriodicCallback
 
 from rtserver.auth import Authenticator
+from rtserver.broker import make_broker
 from rtserver.config import Config
 from rtserver.delivery import Delivery, frame
 from rtserver.limits import RateLimits
@@ -66,7 +67,8 @@ class Hub:
         self.store = store
         self.metrics = Metrics()
         self.sessions = SessionRegistry()
-        self.delivery = Delivery(self.sessions, self.metrics)
+        self.broker = make_broker(config.broker)
+        self.delivery = Delivery(self.sessions, self.metrics, self.broker)
         self.auth = Authenticator(config.auth)
         self.limits = RateLimits(config.limits, self.metrics)
         self.new_id = IdGenerator()
@@ -98,6 +100,7 @@ class Hub:
         """Open the store and start the periodic jobs (cleanup, metrics log)."""
         self.loop = asyncio.get_running_loop()
         await self.store.open()
+        await self.broker.start(self)
         cleanup = self.config.store.cleanup_interval
         if cleanup > 0:
             self._every(cleanup, self.cleanup)
@@ -133,6 +136,7 @@ class Hub:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self._flush_delivered()
+        await self.broker.stop()
         await self.store.close()
         log.info("store.closed", backend=self.store.name)
 
@@ -264,9 +268,10 @@ class Hub:
         return SendResult(notification, delivered)
 
     async def send_direct_message(self, session_id: str, payload: dict[str, Any]) -> int:
-        """Push ``payload`` as a ``message`` event to one session (not stored).
+        """Push ``payload`` as a ``message`` event to one session (not stored),
+        on whichever node holds it.
 
-        Returns 1 when written, 0 when that session is not connected here.
+        Returns 1 when sent, 0 when no node has that session.
         """
         if not isinstance(payload, dict):
             raise ProtocolError("bad_request", "message: must be a JSON object")
@@ -276,7 +281,13 @@ class Hub:
         check_shape(
             payload, max_depth=limits.max_depth, max_fields=limits.max_fields, where="message"
         )
-        return 1 if self.delivery.to_session(session_id, "message", payload) else 0
+        if self.delivery.to_session(session_id, "message", payload):
+            return 1
+        if self.broker.enabled:
+            return (
+                1 if await self.broker.send_to_session(session_id, frame("message", payload)) else 0
+            )
+        return 0
 
     async def send_broadcast_notification(self, payload: dict[str, Any]) -> int:
         """Push a notification (``"broadcast": true``) to every registered session.
@@ -382,6 +393,7 @@ class Hub:
         """
         connection.begin_replay()
         self.sessions.register(connection, user_id)
+        self.broker.watch_user(user_id)
         try:
             unread: int | None = await self._store_op(
                 "unread_count", self.store.unread_count(user_id)
@@ -436,6 +448,55 @@ class Hub:
                 break
         if sent:
             log.info("replay.done", user_id=user_id, count=sent, resumed=last_id is not None)
+
+    def connection_gone(self, conn: Connection) -> None:
+        """A connection closed: forget it (and the user's channel, if it was
+        the user's last session on this node)."""
+        self.sessions.remove(conn)
+        if conn.user_id is not None and not self.sessions.of_user(conn.user_id):
+            self.broker.unwatch_user(conn.user_id)
+
+    def deliver_from_cluster(
+        self, user_id: str, framed: bytes, nid: str | None, exclude_session: str | None
+    ) -> None:
+        """A frame another node published for ``user_id``: to the sessions here."""
+        n = self.delivery.to_user(
+            user_id,
+            "notification" if nid else "read",
+            None,
+            notification_id=nid,
+            framed=framed,
+            fan_out=False,
+            exclude_session=exclude_session,
+        )
+        if n and nid:
+            self._pushed(user_id, nid, framed)
+
+    async def cluster_sessions(self, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Sessions on every node (this one first), each with its ``node_id``."""
+        local = self.sessions.of_user(user_id) if user_id else list(self.sessions)
+        out = [{**c.info(), "node_id": self.broker.node_id} for c in local]
+        if self.broker.enabled:
+            for node_id, state in (await self.broker.nodes()).items():
+                if node_id == self.broker.node_id:
+                    continue
+                for info in state.get("sessions", {}).values():
+                    if user_id is None or info.get("user_id") == user_id:
+                        out.append({**info, "node_id": node_id})
+        return out
+
+    async def cluster_metrics(self) -> dict[str, Any]:
+        """This node's metrics, and with a broker every node's, by node id."""
+        mine = self.get_connection_metrics()
+        nodes = {self.broker.node_id: mine}
+        if self.broker.enabled:
+            for node_id, state in (await self.broker.nodes()).items():
+                nodes.setdefault(node_id, state.get("metrics", {}))
+        totals = {
+            key: sum(n.get(key, 0) for n in nodes.values())
+            for key in ("connections", "sessions", "registered_users", "connections_accepted_total")
+        }
+        return {"node_id": self.broker.node_id, "cluster": totals, "nodes": nodes}
 
     def get_user_sessions(self, user_id: str) -> list[str]:
         """Session ids of the user's live sessions."""

@@ -271,7 +271,7 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
 
     def _gone(self, conn: Connection) -> None:
         """Once per connection, when it stops being usable."""
-        self.hub.sessions.remove(conn)
+        self.hub.connection_gone(conn)
         log.info(
             "connection.closed",
             user_id=conn.user_id,
@@ -403,10 +403,15 @@ class ReadyHandler(APIHandler):
     async def get(self) -> None:
         store_ok = await self.hub.store.ping()
         ready = store_ok and not self.hub.shutting_down
+        broker = self.hub.broker
         self.send(
             {
                 "status": "ready" if ready else "unavailable",
                 "store": "ok" if store_ok else "degraded",
+                # A node without Redis still serves its own sessions, so it
+                # stays in the load balancer; the cluster view says degraded.
+                "broker": "none" if not broker.enabled else "ok" if broker.healthy else "degraded",
+                "node_id": broker.node_id,
                 "buffered": getattr(self.hub.store, "buffered", 0),
                 "shutting_down": self.hub.shutting_down,
             },

@@ -1,0 +1,266 @@
+"""A cluster: several run.py processes over one store and one Redis (a real
+redis-server on a loopback port), driven by real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from rtserver.client import Client
+
+from .test_run import RUN, free_port, wait_http
+
+REDIS = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(
+    REDIS is None, reason="needs redis-server: apt-get install redis-server (.ci/run does)"
+)
+SECRET = "cluster-secret-0123456789-0123456789"
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert REDIS is not None
+        self.proc = subprocess.Popen(
+            [
+                REDIS,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                import socket
+
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class Node:
+    def __init__(self, config: Path, port: int) -> None:
+        self.config, self.port = config, port
+        self.base = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}/ws"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*RUN, "--config", str(self.config), "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(f"{self.base}/healthz")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, nodes: int) -> None:
+        self.redis = Redis()
+        self.redis.start()
+        self.config = tmp_path / "cluster.yaml"
+        self.config.write_text(
+            f"auth:\n  secret: {SECRET}\n"
+            f"store:\n  data_dir: {tmp_path}\n  cleanup_interval: 0\n"
+            "server:\n  test_routes: true\n"
+            "logging:\n  format: json\n  metrics_interval: 0\n"
+            f"broker:\n  backend: redis\n  url: redis://127.0.0.1:{self.redis.port}/0\n  session_ttl: 1.5\n"
+        )
+        self.nodes = [Node(self.config, free_port()) for _ in range(nodes)]
+        for node in self.nodes:
+            node.start()
+        self.clients: list[Client] = []
+
+    async def token(self, user: str, role: str = "user") -> str:
+        resp = await AsyncHTTPClient().fetch(
+            self.nodes[0].base + "/api/test/token",
+            method="POST",
+            body=json.dumps({"user_id": user, "role": role}),
+        )
+        return json.loads(resp.body)["token"]  # type: ignore[no-any-return]
+
+    async def user(self, node: int, user: str, last_id: str | None = None) -> Client:
+        client = await Client.connect(self.nodes[node].ws)
+        await client.register(await self.token(user), last_id=last_id, receipts=False)
+        self.clients.append(client)
+        return client
+
+    async def http(
+        self, node: int, method: str, path: str, body: Any = None, role: str = "admin"
+    ) -> tuple[int, Any]:
+        resp = await AsyncHTTPClient().fetch(
+            self.nodes[node].base + path,
+            method=method,
+            body=None if body is None else json.dumps(body),
+            headers={"Authorization": f"Bearer {await self.token('ops', role)}"},
+            raise_error=False,
+        )
+        return resp.code, json.loads(resp.body) if resp.body else None
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+        for node in self.nodes:
+            node.kill()
+        self.redis.stop()
+
+
+@pytest.fixture
+async def cluster2(tmp_path: Path) -> Iterator[Cluster]:  # type: ignore[misc]
+    c = Cluster(tmp_path, 2)
+    yield c
+    await c.close()
+
+
+async def settle() -> None:
+    await asyncio.sleep(0.3)  # subscriptions and heartbeats travel through Redis
+
+
+async def test_delivery_crosses_nodes_exactly_once(cluster2: Cluster) -> None:
+    """A notification sent to node 0 reaches the user's sessions on both nodes
+    once each, and is stored once; broadcasts reach every node."""
+    a, b = await cluster2.user(0, "ann"), await cluster2.user(1, "ann")
+    other = await cluster2.user(1, "bob")
+    await settle()
+    status, body = await cluster2.http(
+        0, "POST", "/api/notifications/ann", {"message": "hello"}, role="publisher"
+    )
+    assert status == 201
+    nid = body["notification"]["id"]
+    assert (await a.next("notification"))["id"] == nid
+    assert (await b.next("notification"))["id"] == nid
+    await asyncio.sleep(0.3)
+    assert a.pending() == [] and b.pending() == [] and other.pending() == []
+    status, hist = await cluster2.http(1, "GET", "/api/users/ann/notifications")
+    assert [n["id"] for n in hist["notifications"]] == [nid]
+
+    status, body = await cluster2.http(1, "POST", "/api/broadcast", {"message": "all"})
+    for client in (a, b, other):
+        assert (await client.next("notification"))["message"] == "all"
+
+
+async def test_direct_message_and_read_push_cross_nodes(cluster2: Cluster) -> None:
+    """A message to a session on another node arrives (404 when no node has it);
+    mark_read on one node sends the read push to the user's session on the other."""
+    a, b = await cluster2.user(0, "cy"), await cluster2.user(1, "cy")
+    await settle()
+    await asyncio.sleep(1.0)  # the session directory is refreshed by heartbeat
+    status, _ = await cluster2.http(
+        0, "POST", f"/api/sessions/{b.session_id}/messages", {"message": "hi b"}, role="publisher"
+    )
+    assert status == 200
+    assert await b.next("message") == {"message": "hi b"}
+    status, _ = await cluster2.http(
+        0, "POST", "/api/sessions/nobody/messages", {"message": "x"}, role="publisher"
+    )
+    assert status == 404
+    status, body = await cluster2.http(
+        0, "POST", "/api/notifications/cy", {"message": "read me"}, role="publisher"
+    )
+    nid = body["notification"]["id"]
+    await a.next("notification")
+    await b.next("notification")
+    await a.mark_read([nid])
+    assert await b.next("read") == {"ids": [nid], "unread_count": 0}
+
+
+async def test_cluster_view_and_a_crashed_node(cluster2: Cluster) -> None:
+    """Admin listings cover every node with node ids; a killed node's sessions
+    disappear from the view within seconds."""
+    await cluster2.user(0, "dee")
+    await cluster2.user(1, "eve")
+    await asyncio.sleep(1.0)
+    status, body = await cluster2.http(0, "GET", "/api/admin/sessions")
+    assert status == 200
+    assert {s["user_id"] for s in body["sessions"]} == {"dee", "eve"}
+    assert len({s["node_id"] for s in body["sessions"]}) == 2
+    status, metrics = await cluster2.http(0, "GET", "/api/admin/metrics")
+    assert metrics["cluster"]["sessions"] == 2 and len(metrics["nodes"]) == 2
+    cluster2.nodes[1].kill()
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        _, body = await cluster2.http(0, "GET", "/api/admin/sessions")
+        if {s["user_id"] for s in body["sessions"]} == {"dee"}:
+            break
+        await asyncio.sleep(0.2)
+    assert {s["user_id"] for s in body["sessions"]} == {"dee"}
+
+
+async def test_redis_outage_then_recovery(cluster2: Cluster) -> None:
+    """With Redis down each node still delivers to its own sessions and stores
+    everything; readiness says the broker is degraded; when Redis returns,
+    cross-node delivery comes back by itself, and what a session missed arrives
+    with last_id."""
+    a, b = await cluster2.user(0, "fay"), await cluster2.user(1, "fay")
+    await settle()
+    cluster2.redis.stop()
+    await asyncio.sleep(0.3)
+    sent = []
+    for i in range(5):
+        status, body = await cluster2.http(
+            0, "POST", "/api/notifications/fay", {"message": f"down{i}"}, role="publisher"
+        )
+        assert status == 201
+        sent.append(body["notification"]["id"])
+    assert [(await a.next("notification"))["id"] for _ in sent] == sent
+    status, ready = await cluster2.http(0, "GET", "/readyz")
+    assert ready["broker"] == "degraded"
+    cluster2.redis.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, ready = await cluster2.http(1, "GET", "/readyz")
+        _, ready0 = await cluster2.http(0, "GET", "/readyz")
+        if ready["broker"] == ready0["broker"] == "ok":
+            break
+        await asyncio.sleep(0.1)
+    assert ready["broker"] == "ok"
+    await asyncio.sleep(0.5)
+    status, body = await cluster2.http(
+        0, "POST", "/api/notifications/fay", {"message": "back"}, role="publisher"
+    )
+    assert (await b.next("notification", timeout=5))["message"] == "back"
+    assert (await a.next("notification"))["message"] == "back"
+    # b missed the five sent while Redis was down: resuming from before them brings them.
+    await b.close()
+    resumed = await cluster2.user(1, "fay", last_id=sent[0][:12] + "0" * 12)
+    got = [(await resumed.next("notification"))["id"] for _ in range(6)]
+    assert got[:5] == sent

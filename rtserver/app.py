@@ -10,6 +10,7 @@ await app.shutdown()         # close sessions (1001), flush, close the store
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import ssl
 from collections.abc import Sequence
@@ -47,6 +48,11 @@ class Application(tornado.web.Application):
     async def startup(self) -> None:
         await self.hub.start()
         await self.plugins.call_async("rtserver_startup", hub=self.hub)
+        # Everything built so far lives as long as the process: keep it out of
+        # the garbage collector's full passes (gc.freeze), which otherwise
+        # rescan it every time and stall every connection while they run.
+        gc.collect()
+        gc.freeze()
         log.info("server.started", plugins=self.plugins.names(), events=sorted(self.plugins.events))
 
     async def shutdown(self, timeout: float | None = None) -> None:

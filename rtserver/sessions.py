@@ -49,6 +49,8 @@ class Connection:
         "_gone",
         "_replay_queue",
         "_replayed",
+        "_sock",
+        "_stream",
         "_transport",
         "claims",
         "close_reason",
@@ -84,6 +86,8 @@ class Connection:
         self.closed = False
         self.close_reason: str | None = None
         self._transport = transport
+        self._stream: _Stream | None = None
+        self._sock: socket.socket | None = None
         # While offline delivery is replaying, pushes wait here (frame, id).
         self._replay_queue: list[tuple[bytes, str | None]] | None = None
         self._replayed: set[str] | None = None
@@ -119,10 +123,14 @@ class Connection:
         """
         if self.closed:
             return False
-        stream = self._transport.raw_stream()
-        if stream is None or stream.closed():
+        stream = self._stream
+        if stream is None:
+            stream = self._transport.raw_stream()
+            if stream is None:
+                return False
+        if stream.closed():
             return False
-        sock = self._transport.raw_socket()
+        sock = self._sock
         if sock is not None and not stream.writing():
             try:
                 sent = sock.send(frame)
@@ -144,6 +152,11 @@ class Connection:
             self.close(1013, "slow client: outbound queue full")
             return False
         return True
+
+    def attach(self, stream: _Stream | None, sock: socket.socket | None) -> None:
+        """Cache the stream and (plain TCP only) socket for the write path."""
+        self._stream = stream
+        self._sock = sock
 
     def push(self, frame: bytes, notification_id: str | None = None) -> bool:
         """A server push: written now, or held while offline delivery replays

@@ -226,6 +226,7 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
             self._socket = stream.socket
         conn.on_slow = self._on_slow
         conn.on_gone = self._gone
+        conn.attach(stream, self.raw_socket())
         self.set_nodelay(True)
         self.hub.sessions.add(conn)
         self.hub.metrics.connections_total.inc()

@@ -82,11 +82,11 @@ def rss_kb(pid: int) -> int:
 
 
 @contextmanager
-def server(kind: str, workdir: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def server(kind: str, workdir: Path, redis_url: str | None = None, data: str | None = None) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     port = free_port()
     if kind == "rtserver":
-        data = tempfile.mkdtemp(dir=workdir)
-        cmd = [sys.executable, "-m", "bench.server", str(port), data, SECRET]
+        data = data or tempfile.mkdtemp(dir=workdir)
+        cmd = [sys.executable, "-m", "bench.server", str(port), data, SECRET, *([redis_url] if redis_url else [])]
     else:
         cmd = [sys.executable, "-m", "bench.stock", str(port)]
     proc = subprocess.Popen(
@@ -151,6 +151,37 @@ def fanout(kind: str, loadgen: Path, workdir: Path, n: int, total: int) -> dict[
         )
         post(port, "/bench/broadcast", {"count": count, "size": 150})
         return finish(client)
+
+
+def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str, Any]:
+    """Two rtserver nodes on the server core, n/2 clients on each, broadcasts
+    sent to node A reach node B's clients through Redis (on the client core)."""
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        return {"rate": 0.0, "skipped": "redis-server not installed"}
+    rport = free_port()
+    redis = subprocess.Popen([redis_bin, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                             stdout=subprocess.DEVNULL, preexec_fn=pinned(CLIENT_CPU))
+    time.sleep(0.5)
+    url = f"redis://127.0.0.1:{rport}/0"
+    data = tempfile.mkdtemp(dir=workdir)
+    count = max(1, total // n)
+    half = n // 2
+    tokens = token_file(workdir, n)
+    second_half = workdir / f"tokens-{n}-b.txt"
+    second_half.write_text("".join(tokens.read_text().splitlines(keepends=True)[half:]))
+    try:
+        with server("rtserver", workdir, url, data) as (pa, _), server("rtserver", workdir, url, data) as (pb, _):
+            ca = start_client(loadgen, ["client", "127.0.0.1", str(pa), str(half), str(tokens), str(count * half), "120"])
+            cb = start_client(loadgen, ["client", "127.0.0.1", str(pb), str(n - half), str(second_half), str(count * (n - half)), "120"])
+            time.sleep(1.0)  # subscriptions settle
+            post(pa, "/bench/broadcast", {"count": count, "size": 150})
+            ra, rb = finish(ca), finish(cb)
+            span = max(ra["seconds"], rb["seconds"]) or 1.0
+            return {"rate": (ra["received"] + rb["received"]) / span, "received": ra["received"] + rb["received"], "expected": count * n}
+    finally:
+        redis.kill()
+        redis.wait()
 
 
 def raw_limit(loadgen: Path, n: int, total: int) -> dict[str, Any]:
@@ -347,6 +378,19 @@ def main() -> None:
                 f"{ours['client_cpu_share']:.0%} / {stock['client_cpu_share']:.0%} / {raw['client_cpu_share']:.0%}",
             )
         )
+        print(rows[-1], flush=True)
+
+    if "cluster" in only:
+        n = 10000
+        total = int(1_000_000 * scale)
+        one = fanout("rtserver", loadgen, workdir, n, total)
+        two = cluster_fanout(loadgen, workdir, n, total)
+        rows.append((
+            f"broadcast fan-out, {n:,} clients: 1 process vs 2 over Redis, same server core",
+            f"{two['rate']:,.0f}",
+            f"1 process {one['rate']:,.0f} ({two['rate'] / one['rate']:.0%}); received {two.get('received', 0):,} of {two.get('expected', 0):,}",
+            "-",
+        ))
         print(rows[-1], flush=True)
 
     if "connections" in only:

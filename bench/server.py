@@ -2,7 +2,7 @@
 routes trigger server-side load (broadcasts, per-user sends) so that the
 measurement is of the delivery path, not of an HTTP client.
 
-    python -m bench.server PORT DATA_DIR SECRET
+    python -m bench.server PORT DATA_DIR SECRET [REDIS_URL]
 """
 
 from __future__ import annotations
@@ -66,9 +66,11 @@ class BenchPlugin:
         return [Route(r"/bench/broadcast", BroadcastLoad), Route(r"/bench/send", SendLoad)]
 
 
-async def main(port: int, data_dir: str, secret: str) -> None:
+async def main(port: int, data_dir: str, secret: str, redis_url: str | None = None) -> None:
+    broker = {"broker": {"backend": "redis", "url": redis_url}} if redis_url else {}
     config = parse_config(
         {
+            **broker,
             "server": {"port": port, "ping_interval": 0, "max_outbound_bytes": 64 * 1024 * 1024},
             "auth": {"secret": secret},
             "store": {"data_dir": data_dir, "cleanup_interval": 0},
@@ -91,4 +93,4 @@ async def main(port: int, data_dir: str, secret: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3], *sys.argv[4:5]))

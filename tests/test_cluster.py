@@ -264,3 +264,25 @@ async def test_redis_outage_then_recovery(cluster2: Cluster) -> None:
     resumed = await cluster2.user(1, "fay", last_id=sent[0][:12] + "0" * 12)
     got = [(await resumed.next("notification"))["id"] for _ in range(6)]
     assert got[:5] == sent
+
+
+async def test_a_node_dies_and_its_client_resumes_elsewhere(cluster2: Cluster) -> None:
+    """A node is killed: its client reconnects to the other node with last_id and
+    gets everything it missed, nothing twice."""
+    mobile = await cluster2.user(1, "gus")
+    await settle()
+    first = []
+    for i in range(3):
+        _, body = await cluster2.http(0, "POST", "/api/notifications/gus", {"message": f"before{i}"}, role="publisher")
+        first.append(body["notification"]["id"])
+    assert [(await mobile.next("notification"))["id"] for _ in first] == first
+    cluster2.nodes[1].kill()
+    await asyncio.wait_for(mobile.closed.wait(), 5)
+    missed = []
+    for i in range(3):
+        _, body = await cluster2.http(0, "POST", "/api/notifications/gus", {"message": f"after{i}"}, role="publisher")
+        missed.append(body["notification"]["id"])
+    back = await cluster2.user(0, "gus", last_id=first[-1])
+    assert [(await back.next("notification"))["id"] for _ in missed] == missed
+    await asyncio.sleep(0.3)
+    assert back.pending() == []

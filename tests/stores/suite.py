@@ -97,6 +97,15 @@ class StoreSuite:
         got = await store.get("u", n.id)
         assert got is not None and got.delivered_at == first
 
+    async def test_mark_delivered_scoped_to_a_user(self, store: Store) -> None:
+        """With user_id, only that user's notifications are marked (client receipts)."""
+        mine, theirs = note("me"), note("them")
+        for n in (mine, theirs):
+            await store.insert(n)
+        await store.mark_delivered([mine.id, theirs.id], time.time(), user_id="me")
+        assert [n.id for n in await store.undelivered("them")] == [theirs.id]
+        assert await store.undelivered("me") == []
+
     async def test_after_for_resume(self, store: Store) -> None:
         """after() lists every notification after an id, delivered or not."""
         notes = [note("u", str(i)) for i in range(4)]

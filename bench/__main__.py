@@ -82,11 +82,21 @@ def rss_kb(pid: int) -> int:
 
 
 @contextmanager
-def server(kind: str, workdir: Path, redis_url: str | None = None, data: str | None = None) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def server(
+    kind: str, workdir: Path, redis_url: str | None = None, data: str | None = None
+) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     port = free_port()
     if kind == "rtserver":
         data = data or tempfile.mkdtemp(dir=workdir)
-        cmd = [sys.executable, "-m", "bench.server", str(port), data, SECRET, *([redis_url] if redis_url else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.server",
+            str(port),
+            data,
+            SECRET,
+            *([redis_url] if redis_url else []),
+        ]
     else:
         cmd = [sys.executable, "-m", "bench.stock", str(port)]
     proc = subprocess.Popen(
@@ -116,6 +126,15 @@ def start_client(loadgen: Path, args: list[str]) -> subprocess.Popen[str]:
     return proc
 
 
+def ws_clients(
+    loadgen: Path, port: int, n: int, tokens: Path, expect: Any, timeout: Any
+) -> subprocess.Popen[str]:
+    """n registered WebSocket clients that count notifications until ``expect``."""
+    return start_client(
+        loadgen, ["client", "127.0.0.1", str(port), str(n), str(tokens), str(expect), str(timeout)]
+    )
+
+
 def finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
     out, _ = proc.communicate(timeout=300)
     return json.loads(out)  # type: ignore[no-any-return]
@@ -137,18 +156,7 @@ def fanout(kind: str, loadgen: Path, workdir: Path, n: int, total: int) -> dict[
     """Broadcasts to n registered clients until about ``total`` deliveries."""
     count = max(1, total // n)
     with server(kind, workdir) as (port, _):
-        client = start_client(
-            loadgen,
-            [
-                "client",
-                "127.0.0.1",
-                str(port),
-                str(n),
-                str(token_file(workdir, n)),
-                str(count * n),
-                "120",
-            ],
-        )
+        client = ws_clients(loadgen, port, n, token_file(workdir, n), count * n, "120")
         post(port, "/bench/broadcast", {"count": count, "size": 150})
         return finish(client)
 
@@ -160,8 +168,21 @@ def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str
     if redis_bin is None:
         return {"rate": 0.0, "skipped": "redis-server not installed"}
     rport = free_port()
-    redis = subprocess.Popen([redis_bin, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                             stdout=subprocess.DEVNULL, preexec_fn=pinned(CLIENT_CPU))
+    redis = subprocess.Popen(
+        [
+            redis_bin,
+            "--port",
+            str(rport),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        preexec_fn=pinned(CLIENT_CPU),
+    )
     time.sleep(0.5)
     url = f"redis://127.0.0.1:{rport}/0"
     data = tempfile.mkdtemp(dir=workdir)
@@ -171,14 +192,21 @@ def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str
     second_half = workdir / f"tokens-{n}-b.txt"
     second_half.write_text("".join(tokens.read_text().splitlines(keepends=True)[half:]))
     try:
-        with server("rtserver", workdir, url, data) as (pa, _), server("rtserver", workdir, url, data) as (pb, _):
-            ca = start_client(loadgen, ["client", "127.0.0.1", str(pa), str(half), str(tokens), str(count * half), "120"])
-            cb = start_client(loadgen, ["client", "127.0.0.1", str(pb), str(n - half), str(second_half), str(count * (n - half)), "120"])
+        with (
+            server("rtserver", workdir, url, data) as (pa, _),
+            server("rtserver", workdir, url, data) as (pb, _),
+        ):
+            ca = ws_clients(loadgen, pa, half, tokens, count * half, "120")
+            cb = ws_clients(loadgen, pb, n - half, second_half, count * (n - half), "120")
             time.sleep(1.0)  # subscriptions settle
             post(pa, "/bench/broadcast", {"count": count, "size": 150})
             ra, rb = finish(ca), finish(cb)
             span = max(ra["seconds"], rb["seconds"]) or 1.0
-            return {"rate": (ra["received"] + rb["received"]) / span, "received": ra["received"] + rb["received"], "expected": count * n}
+            return {
+                "rate": (ra["received"] + rb["received"]) / span,
+                "received": ra["received"] + rb["received"],
+                "expected": count * n,
+            }
     finally:
         redis.kill()
         redis.wait()
@@ -211,9 +239,7 @@ def connections(loadgen: Path, workdir: Path, n: int) -> dict[str, Any]:
         time.sleep(0.5)
         before = rss_kb(proc.pid)
         t0 = time.perf_counter()
-        client = start_client(
-            loadgen, ["client", "127.0.0.1", str(port), str(n), str(tokens), "0", "600"]
-        )
+        client = ws_clients(loadgen, port, n, tokens, "0", "600")
         took = time.perf_counter() - t0
         time.sleep(1.0)
         after = rss_kb(proc.pid)
@@ -230,18 +256,7 @@ def connections(loadgen: Path, workdir: Path, n: int) -> dict[str, Any]:
 
 def per_user(loadgen: Path, workdir: Path, users: int, count: int) -> dict[str, Any]:
     with server("rtserver", workdir) as (port, _):
-        client = start_client(
-            loadgen,
-            [
-                "client",
-                "127.0.0.1",
-                str(port),
-                str(users),
-                str(token_file(workdir, users)),
-                str(count),
-                "120",
-            ],
-        )
+        client = ws_clients(loadgen, port, users, token_file(workdir, users), count, "120")
         took = post(port, "/bench/send", {"count": count, "users": users})["seconds"]
         result = finish(client)
         return {
@@ -307,18 +322,7 @@ def latency(loadgen: Path, workdir: Path, idle: int, rate: int, seconds: float) 
     )
     total = int(rate * seconds)
     with server("rtserver", workdir) as (port, _):
-        client = start_client(
-            loadgen,
-            [
-                "client",
-                "127.0.0.1",
-                str(port),
-                str(n),
-                str(token_file(workdir, n)),
-                str(total),
-                str(seconds + 30),
-            ],
-        )
+        client = ws_clients(loadgen, port, n, token_file(workdir, n), total, seconds + 30)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         start = time.perf_counter()
@@ -385,12 +389,14 @@ def main() -> None:
         total = int(1_000_000 * scale)
         one = fanout("rtserver", loadgen, workdir, n, total)
         two = cluster_fanout(loadgen, workdir, n, total)
-        rows.append((
-            f"broadcast fan-out, {n:,} clients: 1 process vs 2 over Redis, same server core",
-            f"{two['rate']:,.0f}",
-            f"1 process {one['rate']:,.0f} ({two['rate'] / one['rate']:.0%}); received {two.get('received', 0):,} of {two.get('expected', 0):,}",
-            "-",
-        ))
+        rows.append(
+            (
+                f"broadcast fan-out, {n:,} clients: 1 process vs 2 over Redis, same server core",
+                f"{two['rate']:,.0f}",
+                f"1 process {one['rate']:,.0f} ({two['rate'] / one['rate']:.0%}); received {two.get('received', 0):,} of {two.get('expected', 0):,}",
+                "-",
+            )
+        )
         print(rows[-1], flush=True)
 
     if "connections" in only:

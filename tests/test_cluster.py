@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ from tornado.httpclient import AsyncHTTPClient
 
 from rtserver.client import Client
 
-from .test_run import RUN, free_port, wait_http
+from .processes import ServerProcess
+from .test_run import free_port
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
@@ -67,32 +67,6 @@ class Redis:
         self.proc = None
 
 
-class Node:
-    def __init__(self, config: Path, port: int) -> None:
-        self.config, self.port = config, port
-        self.base = f"http://127.0.0.1:{port}"
-        self.ws = f"ws://127.0.0.1:{port}/ws"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [*RUN, "--config", str(self.config), "--port", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_http(f"{self.base}/healthz")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-
-
 class Cluster:
     def __init__(self, tmp_path: Path, nodes: int) -> None:
         self.redis = Redis()
@@ -105,7 +79,7 @@ class Cluster:
             "logging:\n  format: json\n  metrics_interval: 0\n"
             f"broker:\n  backend: redis\n  url: redis://127.0.0.1:{self.redis.port}/0\n  session_ttl: 1.5\n"
         )
-        self.nodes = [Node(self.config, free_port()) for _ in range(nodes)]
+        self.nodes = [ServerProcess(self.config) for _ in range(nodes)]
         for node in self.nodes:
             node.start()
         self.clients: list[Client] = []
@@ -273,14 +247,18 @@ async def test_a_node_dies_and_its_client_resumes_elsewhere(cluster2: Cluster) -
     await settle()
     first = []
     for i in range(3):
-        _, body = await cluster2.http(0, "POST", "/api/notifications/gus", {"message": f"before{i}"}, role="publisher")
+        _, body = await cluster2.http(
+            0, "POST", "/api/notifications/gus", {"message": f"before{i}"}, role="publisher"
+        )
         first.append(body["notification"]["id"])
     assert [(await mobile.next("notification"))["id"] for _ in first] == first
     cluster2.nodes[1].kill()
     await asyncio.wait_for(mobile.closed.wait(), 5)
     missed = []
     for i in range(3):
-        _, body = await cluster2.http(0, "POST", "/api/notifications/gus", {"message": f"after{i}"}, role="publisher")
+        _, body = await cluster2.http(
+            0, "POST", "/api/notifications/gus", {"message": f"after{i}"}, role="publisher"
+        )
         missed.append(body["notification"]["id"])
     back = await cluster2.user(0, "gus", last_id=first[-1])
     assert [(await back.next("notification"))["id"] for _ in missed] == missed

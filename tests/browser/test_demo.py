@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from ..test_run import RUN, free_port, wait_http, write_config
+from ..processes import ServerProcess
+from ..test_run import write_config
 
 playwright_sync = pytest.importorskip(
     "playwright.sync_api", reason="pip install -e '.[test]' brings Playwright"
@@ -43,28 +42,11 @@ ARGS = [
 ]
 
 
-class LiveServer:
+class LiveServer(ServerProcess):
     """run.py on a loopback port; restartable on the same port and data."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.port = free_port()
-        self.config = write_config(tmp_path)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [*RUN, "--config", str(self.config), "--port", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_http(f"{self.base}/healthz")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-        self.proc = None
+        super().__init__(write_config(tmp_path))
 
     def post(self, path: str, body: dict[str, Any], token: str | None = None) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}

@@ -10,6 +10,7 @@ the RSA public key as secret (algorithm confusion) fails.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, get_args
 
@@ -47,6 +48,8 @@ def require_role(have: Role | None, need: Role) -> None:
 class Authenticator:
     def __init__(self, config: AuthConfig) -> None:
         self.config = config
+        self._verified: OrderedDict[str, Claims] = OrderedDict()
+        self.cache_size = 1024
         self._public_key: str | None = None
         self._jwks: jwt.PyJWKSet | None = None
         if config.public_key_file:
@@ -70,9 +73,27 @@ class Authenticator:
         raise ProtocolError(UNAUTHORIZED, "token algorithm is not accepted", status=401)
 
     def verify(self, token: str) -> Claims:
-        """The token's claims, or ``ProtocolError(unauthorized)`` saying why."""
+        """The token's claims, or ``ProtocolError(unauthorized)`` saying why.
+
+        Verified tokens are remembered (a small LRU keyed by the whole token)
+        until they expire, so a service posting with one token pays for the
+        signature check once, not per request (about 45 µs each).
+        """
         if not isinstance(token, str) or not token:
             raise ProtocolError(UNAUTHORIZED, "token is missing", status=401)
+        cached = self._verified.get(token)
+        if cached is not None:
+            if cached.exp + self.config.leeway > time.time():
+                self._verified.move_to_end(token)
+                return cached
+            del self._verified[token]
+        claims = self._verify(token)
+        self._verified[token] = claims
+        if len(self._verified) > self.cache_size:
+            self._verified.popitem(last=False)
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

@@ -209,3 +209,17 @@ class TestExpiryOnOpenConnections:
             "GET", f"/api/admin/sessions?token={token}&access_token={token}"
         )
         assert status == 401
+
+
+def test_verified_token_cache_never_outlives_the_token() -> None:
+    """A remembered token is refused once it expires, like any other."""
+    auth = Authenticator(AuthConfig(secret=SECRET, leeway=0))
+    token = jwt.encode({"sub": "alice", "exp": time.time() + 1}, SECRET, algorithm="HS256")
+    assert auth.verify(token).sub == "alice"
+    assert auth.verify(token).sub == "alice"  # from the cache
+    time.sleep(1.1)
+    with pytest.raises(ProtocolError, match="expired"):
+        auth.verify(token)
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    with pytest.raises(ProtocolError):
+        auth.verify(forged)

@@ -178,7 +178,7 @@ static int run_client(const char *host, int port, int n, const char *tokenfile, 
     const int WINDOW = 512;
     int opened = 0;
 #define OPEN_MORE()                                                                  \
-    while (opened < n && opened - (int)registered < WINDOW) {                        \
+    while (opened < n && (!ws || opened - (int)registered < WINDOW)) {               \
         int i = opened++;                                                            \
         cs[i].fd = connect_to(host, port);                                           \
         if (cs[i].fd < 0) { perror("connect"); return 2; }                           \
@@ -191,9 +191,7 @@ static int run_client(const char *host, int port, int n, const char *tokenfile, 
     double t_ready = 0, t_first = 0, t_last = 0, deadline = now_s() + timeout;
     double cpu_ready = 0;
     struct epoll_event evs[1024];
-    if (!ws) {
-        while (opened < n) { OPEN_MORE(); }
-    }
+    if (!ws) { OPEN_MORE(); } /* raw mode: the server accepts them all first */
     while (now_s() < deadline) {
         if (ws) { OPEN_MORE(); }
         int k = epoll_wait(ep, evs, 1024, 100);

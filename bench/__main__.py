@@ -352,7 +352,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        default="fanout,connections,peruser,http,latency",
+        default="fanout,cluster,connections,peruser,http,latency",
         help="comma-separated scenarios",
     )
     args = parser.parse_args()

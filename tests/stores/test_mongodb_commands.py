@@ -59,6 +59,16 @@ def command(request: Request) -> dict[str, Any]:
     }
 
 
+# What listIndexes answers once the store's four indexes exist (30-day and
+# 7-day retention).
+EXISTING_INDEXES = (
+    {"v": 2, "key": {"user_id": 1, "read": 1, "created_at": -1}, "name": "user_read_created"},
+    {"v": 2, "key": {"user_id": 1, "created_at": 1}, "name": "user_undelivered"},
+    {"v": 2, "key": {"created_at": 1}, "name": "created_ttl", "expireAfterSeconds": 30 * 86400},
+    {"v": 2, "key": {"read_at": 1}, "name": "read_ttl", "expireAfterSeconds": 7 * 86400},
+)
+
+
 def cursor(*docs: dict[str, Any]) -> dict[str, Any]:
     return {"cursor": {"id": 0, "ns": "rt.notifications", "firstBatch": list(docs)}}
 
@@ -69,22 +79,7 @@ async def opened(mock: MockupDB) -> AsyncIterator[MongoStore]:
     store = MongoStore(config(mock.uri))
     task = asyncio.ensure_future(store.open())
     (await receive(mock)).replies(
-        cursor(
-            {"v": 2, "key": {"_id": 1}, "name": "_id_"},
-            {
-                "v": 2,
-                "key": {"user_id": 1, "read": 1, "created_at": -1},
-                "name": "user_read_created",
-            },
-            {"v": 2, "key": {"user_id": 1, "created_at": 1}, "name": "user_undelivered"},
-            {
-                "v": 2,
-                "key": {"created_at": 1},
-                "name": "created_ttl",
-                "expireAfterSeconds": 30 * 86400,
-            },
-            {"v": 2, "key": {"read_at": 1}, "name": "read_ttl", "expireAfterSeconds": 7 * 86400},
-        )
+        cursor({"v": 2, "key": {"_id": 1}, "name": "_id_"}, *EXISTING_INDEXES)
     )
     await task
     yield store
@@ -144,23 +139,7 @@ async def test_changed_retention_uses_collmod(mock: MockupDB) -> None:
     """An existing TTL index with another expireAfterSeconds is changed with collMod."""
     store = MongoStore(config(mock.uri, retention_days=10))
     task = asyncio.ensure_future(store.open())
-    (await receive(mock)).replies(
-        cursor(
-            {
-                "v": 2,
-                "key": {"user_id": 1, "read": 1, "created_at": -1},
-                "name": "user_read_created",
-            },
-            {"v": 2, "key": {"user_id": 1, "created_at": 1}, "name": "user_undelivered"},
-            {
-                "v": 2,
-                "key": {"created_at": 1},
-                "name": "created_ttl",
-                "expireAfterSeconds": 30 * 86400,
-            },
-            {"v": 2, "key": {"read_at": 1}, "name": "read_ttl", "expireAfterSeconds": 7 * 86400},
-        )
-    )
+    (await receive(mock)).replies(cursor(*EXISTING_INDEXES))
     request = await receive(mock)
     assert command(request) == {
         "collMod": "notifications",

@@ -2,7 +2,7 @@
 
 Only routed where ``server.test_routes`` is true (never in production):
 ``GET /demo`` (a page built on ``/static/rtclient.js``) and
-``POST /api/test/token`` ``{"user_id", "role"?}`` -> ``{"token"}``, which mints
+``POST /api/test/token`` ``{"user_id", "role"?, "ttl"?}`` -> ``{"token"}``, which mints
 a token with the configured secret so the page can pick any user.
 """
 
@@ -23,6 +23,8 @@ DEMO_DIR = Path(rtserver.__file__).resolve().parent / "static" / "demo"
 class TokenRequest(msgspec.Struct, forbid_unknown_fields=True):
     user_id: str
     role: Role = "user"
+    #: Seconds; default ``auth.token_ttl``. Short ones let a page try refresh.
+    ttl: float | None = None
 
 
 class TokenHandler(APIHandler):
@@ -31,7 +33,7 @@ class TokenHandler(APIHandler):
     def post(self) -> None:
         self.rate_limit_by_address()
         req = self.body(TokenRequest)
-        self.send({"token": self.hub.auth.mint(req.user_id, req.role)})
+        self.send({"token": self.hub.auth.mint(req.user_id, req.role, req.ttl)})
 
 
 class DemoPage(StaticHandler):

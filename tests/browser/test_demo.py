@@ -176,3 +176,55 @@ def test_rtclient_is_served_as_a_module(live: LiveServer, browser: Any) -> None:
         "markRead",
         "getNotifications",
     } <= set(exported)
+
+
+def test_token_refresh_keeps_the_page_connected(tmp_path: Path, browser: Any) -> None:
+    """With 3-second tokens, rtclient.js fetches a fresh one through getToken when
+    the server warns, so the session outlives its first token."""
+    config = tmp_path / "refresh.yaml"
+    config.write_text(
+        "auth:\n  secret: refresh-secret-0123456789-0123456789\n  expiry_warning: 1.5\n"
+        f"store:\n  data_dir: {tmp_path}\n"
+        "server:\n  test_routes: true\n"
+        "logging:\n  format: json\n  metrics_interval: 0\n"
+    )
+    server = ServerProcess(config)
+    server.start()
+    try:
+        page = browser.new_context().new_page()
+        page.goto(f"{server.base}/demo")
+        page.evaluate(
+            """async (base) => {
+                const { RTClient } = await import('/static/rtclient.js');
+                const mint = async () => (await (await fetch('/api/test/token', {method: 'POST',
+                    body: JSON.stringify({user_id: 'ivy', ttl: 3})})).json()).token;
+                window.events = [];
+                window.rtc = new RTClient({url: base.replace('http', 'ws') + '/ws', getToken: mint});
+                for (const e of ['connect', 'disconnect', 'token_expiring', 'notification'])
+                    window.rtc.on(e, (d) => window.events.push(e));
+                await window.rtc.connect();
+            }""",
+            server.base,
+        )
+        page.wait_for_timeout(4500)  # past the first token's expiry
+        events = page.evaluate("window.events")
+        assert "token_expiring" in events and "disconnect" not in events, events
+        token = json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    server.base + "/api/test/token",
+                    data=json.dumps({"user_id": "svc", "role": "publisher"}).encode(),
+                    method="POST",
+                ),
+                timeout=10,
+            ).read()
+        )["token"]
+        req = urllib.request.Request(
+            server.base + "/api/notifications/ivy",
+            data=json.dumps({"message": "still here"}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        assert json.loads(urllib.request.urlopen(req, timeout=10).read())["delivered"] == 1
+    finally:
+        server.stop()

@@ -13,7 +13,8 @@ work at all). With ``broker: {backend: redis, url: ...}`` nodes share:
   crashed node's sessions disappear within seconds.
 
 A message is ``<origin node>|<kind>|<notification id>|<excluded session>\\n``
-followed by the WebSocket frame exactly as the origin built it; the origin
+followed by the WebSocket frame exactly as the origin built it (for kind ``r``,
+receipts confirmed on the origin, the JSON list of their ids); the origin
 ignores its own. While Redis is down each node goes on delivering to its own
 sessions; it reconnects with backoff and resubscribes by itself, and whatever a
 user missed meanwhile reaches them through offline delivery or ``last_id``.
@@ -62,6 +63,9 @@ class LocalBroker:
 
     async def send_to_session(self, session_id: str, framed: bytes) -> bool:
         return False
+
+    def publish_settled(self, user_id: str, ids: list[str]) -> None:
+        return None
 
     def watch_user(self, user_id: str) -> None:
         return None
@@ -193,6 +197,12 @@ class RedisBroker(LocalBroker):
     def publish_broadcast(self, framed: bytes) -> None:
         self._publish(f"{self.prefix}:b", self._message("b", None, None, framed))
 
+    def publish_settled(self, user_id: str, ids: list[str]) -> None:
+        """Receipts confirmed here: the user's other nodes stop waiting for them."""
+        self._publish(
+            self._user_channel(user_id), self._message("r", None, None, msgspec.json.encode(ids))
+        )
+
     async def send_to_session(self, session_id: str, framed: bytes) -> bool:
         """Route a direct message to the node that holds ``session_id``."""
         if not self.healthy:
@@ -272,6 +282,9 @@ class RedisBroker(LocalBroker):
             hub.deliver_from_cluster(
                 user_id, framed, nid.decode() or None, exclude.decode() or None
             )
+        elif kind == b"r":
+            user_id = channel.decode().split(":u:", 1)[1]
+            hub.settled_elsewhere(user_id, msgspec.json.decode(framed, type=list[str]))
         elif kind == b"b":
             hub.delivery.broadcast_framed(framed, fan_out=False)
         elif kind == b"s":

@@ -353,13 +353,22 @@ class Hub:
         for nid in known:
             self._note_delivered(user_id, nid, connection)
         if unknown:
-            # Not pushed by this process (a restart, or confirmed twice): the
-            # store is told, scoped to the user, and marks only first times.
+            # Not pushed by this process (a restart, another node, or confirmed
+            # twice): the store is told, scoped to the user, and marks only
+            # first times.
             await self._store_op(
                 "mark_delivered",
                 self.store.mark_delivered(unknown, time.time(), user_id=user_id),
             )
+        self.broker.publish_settled(user_id, known + unknown)
         return len(known)
+
+    def settled_elsewhere(self, user_id: str, ids: list[str]) -> None:
+        """Another node's session confirmed these: stop waiting for them here."""
+        for nid in ids:
+            entry = self.receipts.get(nid)
+            if entry is not None and entry.user_id == user_id:
+                self.receipts.forget(nid)
 
     def resend_unconfirmed(self) -> None:
         """Push notifications unconfirmed for ``receipt_timeout`` to the user's

@@ -67,5 +67,8 @@ class ReceiptTable:
         limit = time.monotonic() - timeout
         return [(nid, e) for nid, e in self._waiting.items() if e.pushed_at <= limit]
 
+    def get(self, notification_id: str) -> Unconfirmed | None:
+        return self._waiting.get(notification_id)
+
     def forget(self, notification_id: str) -> None:
         self._waiting.pop(notification_id, None)

@@ -68,7 +68,7 @@ class Redis:
 
 
 class Cluster:
-    def __init__(self, tmp_path: Path, nodes: int) -> None:
+    def __init__(self, tmp_path: Path, nodes: int, server_extra: str = "") -> None:
         self.redis = Redis()
         self.redis.start()
         self.config = tmp_path / "cluster.yaml"
@@ -76,7 +76,8 @@ class Cluster:
             f"auth:\n  secret: {SECRET}\n"
             f"store:\n  data_dir: {tmp_path}\n  cleanup_interval: 0\n"
             "server:\n  test_routes: true\n"
-            "logging:\n  format: json\n  metrics_interval: 0\n"
+            + server_extra
+            + "logging:\n  format: json\n  metrics_interval: 0\n"
             f"broker:\n  backend: redis\n  url: redis://127.0.0.1:{self.redis.port}/0\n  session_ttl: 1.5\n"
         )
         self.nodes = [ServerProcess(self.config) for _ in range(nodes)]
@@ -264,3 +265,35 @@ async def test_a_node_dies_and_its_client_resumes_elsewhere(cluster2: Cluster) -
     assert [(await back.next("notification"))["id"] for _ in missed] == missed
     await asyncio.sleep(0.3)
     assert back.pending() == []
+
+
+async def test_a_receipt_on_one_node_settles_it_everywhere(tmp_path: Path) -> None:
+    """A receipt confirmed on node 1 stops node 0 from waiting for it: node 0's
+    other receipts-session is not sent the notification again."""
+    cluster = Cluster(tmp_path, 2, server_extra="  receipt_timeout: 0.4\n")
+    try:
+        silent = await Client.connect(cluster.nodes[0].ws)
+        silent.auto_confirm = False
+        await silent.register(await cluster.token("hal"), receipts=True)
+        confirming = await Client.connect(cluster.nodes[1].ws)
+        await confirming.register(await cluster.token("hal"), receipts=True)
+        cluster.clients += [silent, confirming]
+        await settle()
+        _, body = await cluster.http(
+            0, "POST", "/api/notifications/hal", {"message": "x"}, role="publisher"
+        )
+        nid = body["notification"]["id"]
+        await silent.next("notification")
+        await confirming.next("notification")
+        # The only session node 0 could re-push to: it resumed past the notification.
+        late = await Client.connect(cluster.nodes[0].ws)
+        await late.register(await cluster.token("hal"), last_id=nid, receipts=True)
+        cluster.clients.append(late)
+        await asyncio.sleep(1.5)  # several receipt timeouts
+        assert late.pending() == []
+        _, metrics = await cluster.http(0, "GET", "/api/admin/metrics")
+        assert metrics["metrics"].get("receipts_resent_total", 0) == 0
+        _, state = await cluster.http(0, "GET", f"/api/users/hal/notifications/{nid}")
+        assert state["delivered"] is True
+    finally:
+        await cluster.close()

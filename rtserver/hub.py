@@ -395,9 +395,10 @@ class Hub:
     ) -> int | None:
         """Make ``connection`` a session of ``user_id`` and schedule offline delivery.
 
-        Returns the user's unread count (None while the store is unreachable). Once the reply to the register frame
-        is written, the backlog is pushed oldest first: every notification no
-        session has received yet, or with ``last_id`` every one after it.
+        Returns the user's unread count (None while the store is unreachable).
+        Once the reply to the register frame is written, the backlog is pushed
+        oldest first: every notification no session has received yet, or with
+        ``last_id`` every one after it.
         Pushes that arrive meanwhile are held and follow without duplicates.
         """
         connection.begin_replay()

@@ -30,7 +30,6 @@ class Transport(Protocol):
     """What a Connection needs from its WebSocket (``web.ConnectionHandler``)."""
 
     def raw_stream(self) -> _Stream | None: ...
-    def raw_socket(self) -> socket.socket | None: ...
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
     def send_ping(self) -> None: ...
     def abort(self) -> None: ...
@@ -124,11 +123,7 @@ class Connection:
         if self.closed:
             return False
         stream = self._stream
-        if stream is None:
-            stream = self._transport.raw_stream()
-            if stream is None:
-                return False
-        if stream.closed():
+        if stream is None or stream.closed():
             return False
         sock = self._sock
         if sock is not None and not stream.writing():
@@ -154,7 +149,8 @@ class Connection:
         return True
 
     def attach(self, stream: _Stream | None, sock: socket.socket | None) -> None:
-        """Cache the stream and (plain TCP only) socket for the write path."""
+        """The stream to write to and, on plain TCP only, its socket for direct
+        writes. Until attached, nothing is written."""
         self._stream = stream
         self._sock = sock
 

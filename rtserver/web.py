@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
-import socket
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -191,14 +190,6 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
             return None
         return getattr(ws, "stream", None)
 
-    def raw_socket(self) -> socket.socket | None:
-        """The plain TCP socket for direct writes; None for TLS streams (the
-        bytes must go through SSL) or when the connection is closing."""
-        stream = self.raw_stream()
-        if stream is None or isinstance(stream, SSLIOStream):
-            return None
-        return self._socket
-
     def send_ping(self) -> None:
         ws = self.ws_connection
         if ws is not None and not ws.is_closing():
@@ -220,13 +211,13 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
         conn = self.conn = Connection(self, self.request.remote_ip)
         conn.last_seen = time.monotonic()
         stream = self.raw_stream()
-        self._socket: socket.socket | None = None
         if stream is not None:
             stream.max_write_buffer_size = self.hub.config.server.max_outbound_bytes
-            self._socket = stream.socket
+            # Direct socket writes only on plain TCP: TLS bytes must go through SSL.
+            sock = None if isinstance(stream, SSLIOStream) else stream.socket
+            conn.attach(stream, sock)
         conn.on_slow = self._on_slow
         conn.on_gone = self._gone
-        conn.attach(stream, self.raw_socket())
         self.set_nodelay(True)
         self.hub.sessions.add(conn)
         self.hub.metrics.connections_total.inc()

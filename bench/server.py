@@ -41,22 +41,27 @@ class BroadcastLoad(APIHandler):
 
 class SendLoad(APIHandler):
     """POST {"count", "users"}: notifications to random users through the
-    Python API, stored and delivered, in concurrent chunks."""
+    Python API, as a busy application would call it: up to ``window`` sends
+    in flight at once (in chunks of 1,000), each stored and delivered."""
 
     async def post(self) -> None:
         req = self.body()
         users, count = req["users"], req["count"]
+        window = req.get("window", 20_000)
         payload = {"message": pad(req.get("size", 150))}
+        send = self.hub.send_notification
         t0 = time.perf_counter()
         chunk = 1000
+        running: set[asyncio.Future[Any]] = set()
         for start in range(0, count, chunk):
+            if len(running) * chunk >= window:
+                _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             n = min(chunk, count - start)
-            await asyncio.gather(
-                *(
-                    self.hub.send_notification(f"u{random.randrange(users)}", payload)
-                    for _ in range(n)
-                )
+            running.add(
+                asyncio.gather(*(send(f"u{random.randrange(users)}", payload) for _ in range(n)))
             )
+            await asyncio.sleep(0)
+        await asyncio.gather(*running)
         self.send({"seconds": time.perf_counter() - t0})
 
 
@@ -86,6 +91,13 @@ async def main(port: int, data_dir: str, secret: str, redis_url: str | None = No
     configure_logging(config.logging)
     app = make_app(config, plugins=[("bench", BenchPlugin())])
     await app.startup()
+    import gc
+    import os
+
+    if os.environ.get("RTBENCH_GC") == "off":
+        gc.disable()
+    elif os.environ.get("RTBENCH_GC"):
+        gc.set_threshold(*map(int, os.environ["RTBENCH_GC"].split(",")))
     server = HTTPServer(app, max_body_size=64 * 1024 * 1024)
     server.listen(port, "127.0.0.1", backlog=4096)
     print("ready", flush=True)

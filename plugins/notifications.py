@@ -112,7 +112,8 @@ class BatchHandler(APIHandler):
     Every item is validated before any is stored: one bad item refuses the
     batch (400 naming it). If the store refuses some, the answer is 503 and
     ``results`` says which were accepted (``{"id", "delivered"}``) and which
-    were not (``{"error"}``): nothing is dropped silently.
+    were not (``{"error", "delivered"}``: a live session may have got one that
+    could not be stored): nothing is dropped silently.
     """
 
     async def post(self) -> None:
@@ -127,7 +128,10 @@ class BatchHandler(APIHandler):
         for result in results:
             if isinstance(result, StoreError):
                 failed += 1
-                out.append({"error": {"code": "unavailable", "message": "not stored; retry it"}})
+                error = {"code": "unavailable", "message": "not stored; retry it"}
+                if result.delivered:
+                    error["message"] = "not stored, but delivered live"
+                out.append({"error": error, "delivered": result.delivered})
             else:
                 out.append({"id": result.notification.id, "delivered": result.delivered})
         self.send({"results": out}, 503 if failed else 201)

@@ -32,21 +32,29 @@ class Delivery:
         self.sessions = sessions
         self.metrics = metrics
         self.broker = broker or LocalBroker()
-        self._out = metrics.frames_out
+        self._out: dict[str, Any] = {}
         self._kinds = {k: metrics.deliveries.labels(k) for k in ("user", "session", "broadcast")}
+
+    def _frames(self, event: str) -> Any:
+        """The ``frames_out`` counter for ``event`` (``labels()`` takes a lock
+        and builds a key each call: too slow for once per push)."""
+        counter = self._out.get(event)
+        if counter is None:
+            counter = self._out[event] = self.metrics.frames_out.labels(event)
+        return counter
 
     def reply(self, conn: Connection, frame_id: FrameId | None, event: str, data: Any) -> bool:
         """An ``ack`` or ``error`` to the frame ``frame_id`` (never held back)."""
         ok = conn.write(frame(event, data, frame_id))
         if ok:
-            self._out.labels(event).inc()
+            self._frames(event).inc()
         return ok
 
     def to_connection(self, conn: Connection, event: str, data: Any) -> bool:
         """A push to one connection, registered or not."""
         ok = conn.push(frame(event, data))
         if ok:
-            self._out.labels(event).inc()
+            self._frames(event).inc()
         return ok
 
     def to_user(
@@ -78,7 +86,7 @@ class Delivery:
             if conn.push(payload, notification_id):
                 n += 1
         if n:
-            self._out.labels(event).inc(n)
+            self._frames(event).inc(n)
             self._kinds["user"].inc(n)
         return n
 
@@ -87,7 +95,7 @@ class Delivery:
         conn = self.sessions.get(session_id)
         if conn is None or not conn.registered or not conn.push(frame(event, data)):
             return False
-        self._out.labels(event).inc()
+        self._frames(event).inc()
         self._kinds["session"].inc()
         return True
 
@@ -106,7 +114,7 @@ class Delivery:
             if conn.push(payload):
                 n += 1
         if n:
-            self._out.labels(event).inc(n)
+            self._frames(event).inc(n)
             self._kinds["broadcast"].inc(n)
         return n
 
@@ -114,7 +122,7 @@ class Delivery:
         """A frame built elsewhere (another node) to one session here."""
         ok = conn.push(payload)
         if ok:
-            self._out.labels(event).inc()
+            self._frames(event).inc()
             self._kinds["session"].inc()
         return ok
 
@@ -122,7 +130,7 @@ class Delivery:
         """Push an unconfirmed notification again (same id) to these sessions."""
         n = sum(1 for conn in conns if conn.push(framed, notification_id))
         if n:
-            self._out.labels("notification").inc(n)
+            self._frames("notification").inc(n)
             self._kinds["user"].inc(n)
         return n
 
@@ -138,6 +146,6 @@ class Delivery:
         ]
         written = [(nid, f) for nid, f in framed if conn.replay(f, nid)]
         if written:
-            self._out.labels("notification").inc(len(written))
+            self._frames("notification").inc(len(written))
             self._kinds["user"].inc(len(written))
         return written

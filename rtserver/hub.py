@@ -9,9 +9,14 @@ Plugins, the HTTP API and embedding applications all go through ``Hub``:
 From another thread (a Flask view, a worker), use ``hub.threadsafe``: the same
 calls hop onto the IOLoop and return a ``concurrent.futures.Future``.
 
-Guarantee: a notification is stored before ``send_notification`` returns;
-if it could not be stored the caller gets ``StoreError`` (HTTP 503) and it was
-not delivered either, so nothing is half-accepted.
+Guarantee: a notification is stored before ``send_notification`` returns,
+or the caller gets ``StoreError`` (HTTP 503). To a user with a live session
+the push goes out first, so delivery never waits for the disk, and the row is
+written already marked delivered (one write) when a session without receipts
+got it; if that write then fails, the error says how many sessions got it
+live (``StoreError.delivered``). To a user with no live session the row is
+written first and pushed after, so a session that registers meanwhile gets it
+exactly once and in order.
 """
 
 from __future__ import annotations
@@ -79,6 +84,9 @@ class Hub:
         self._delivered: list[tuple[str, str, Connection | None]] = []
         self.receipts = ReceiptTable()
         self._inflight: dict[str, set[str]] = {}
+        #: Per user, the pushed-first notifications still being written: a
+        #: replay waits for them so that ``after(last_id)`` sees them.
+        self._saving: dict[str, list[asyncio.Future[None]]] = {}
         self._store_timers: dict[str, Any] = {}
         #: Called as (user_id, ids, connection or None) when notifications
         #: become delivered; the app forwards them to the rtserver_delivered hook.
@@ -212,17 +220,21 @@ class Hub:
         """Store a notification for ``user_id`` and push it to every live session.
 
         Raises ``ProtocolError`` for an invalid payload and ``StoreError`` when
-        it could not be stored (then it was not delivered either).
+        it could not be stored (``StoreError.delivered``: sessions that got it
+        live all the same).
         """
         _check_user_id(user_id)
-        return await self._send(self.make_notification(user_id, payload))
+        (result,) = await self._send([self.make_notification(user_id, payload)])
+        if isinstance(result, StoreError):
+            raise result
+        return result
 
     async def send_notifications(
         self, items: Sequence[tuple[str, dict[str, Any]]]
     ) -> list[SendResult | StoreError]:
         """Many notifications at once (the batch HTTP API). All are validated
         before any is stored, so a bad item refuses the whole batch
-        (``ProtocolError``); the stores are batched by the backend. Each result
+        (``ProtocolError``); they are stored with one store call. Each result
         is a ``SendResult``, or the ``StoreError`` that kept that one out."""
         notifications = []
         for index, (user_id, payload) in enumerate(items):
@@ -233,39 +245,102 @@ class Hub:
                 raise ProtocolError(
                     err.code, f"[{index}]: {err.message}", status=err.status
                 ) from None
-        results = await asyncio.gather(
-            *(self._send(n) for n in notifications), return_exceptions=True
-        )
-        out: list[SendResult | StoreError] = []
-        for result in results:
-            if isinstance(result, SendResult | StoreError):
-                out.append(result)
-            else:
-                raise result
-        return out
+        return await self._send(notifications)
 
-    async def _send(self, notification: Notification) -> SendResult:
-        user_id = notification.user_id
-        assert user_id is not None
-        # Between insert and push the notification is "in flight": a replay
-        # that finds it in the store leaves it to this push, which keeps the
-        # user's notifications in order and sent once.
-        inflight = self._inflight.setdefault(user_id, set())
-        inflight.add(notification.id)
+    async def _send(self, notifications: list[Notification]) -> list[SendResult | StoreError]:
+        """Push and store, one store call for all. Two paths per notification:
+
+        - the user has a live session: push now (the push does not wait for
+          the disk); if a session that does not confirm receipts got it, the
+          row is written already delivered (one write), else a confirmation
+          marks it delivered once the row is written;
+        - otherwise the row is written first and pushed after to whichever
+          sessions exist then. Between the two it is "in flight": a replay
+          that finds it in the store leaves it to this push, and later sends
+          to the same user take this path too, so the user's notifications
+          stay in order and are sent once.
+        """
+        now = time.time()
+        pushed = [0] * len(notifications)
+        later: list[int] = []
+        saving: dict[str, list[asyncio.Future[None]]] = {}
+        saved: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for i, n in enumerate(notifications):
+            user_id = n.user_id
+            assert user_id is not None
+            if user_id not in self._inflight and self._has_session(user_id, plain=False):
+                pushed[i] = self._push(n, user_id, now)
+                if user_id not in saving:
+                    saving[user_id] = waiting = self._saving.setdefault(user_id, [])
+                    waiting.append(saved)
+            else:
+                self._inflight.setdefault(user_id, set()).add(n.id)
+                later.append(i)
         try:
-            await self._store_op("insert", self.store.insert(notification))
-            self.metrics.notifications.inc()
-            framed = frame("notification", notification.to_wire())
-            delivered = self.delivery.to_user(
-                user_id, "notification", None, notification_id=notification.id, framed=framed
-            )
+            errors = await self._store_op("insert", self.store.insert_many(notifications))
+        except StoreError as err:
+            errors = [err] * len(notifications)
         finally:
-            inflight.discard(notification.id)
-            if not inflight:
-                self._inflight.pop(user_id, None)
-        if delivered:
-            self._pushed(user_id, notification.id, framed)
-        return SendResult(notification, delivered)
+            saved.set_result(None)
+            for user_id, waiting in saving.items():
+                waiting.remove(saved)
+                if not waiting:
+                    del self._saving[user_id]
+            for i in later:
+                n = notifications[i]
+                inflight = self._inflight[n.user_id]  # type: ignore[index]
+                inflight.discard(n.id)
+                if not inflight:
+                    del self._inflight[n.user_id]  # type: ignore[arg-type]
+        for i in later:
+            if errors[i] is None:
+                pushed[i] = self._push(notifications[i], notifications[i].user_id or "", None)
+        results: list[SendResult | StoreError] = []
+        stored = 0
+        for n, error, delivered in zip(notifications, errors, pushed, strict=True):
+            if error is None:
+                stored += 1
+                results.append(SendResult(n, delivered))
+                continue
+            if delivered:
+                log.error(
+                    "notification.not_stored",
+                    user_id=n.user_id,
+                    notification_id=n.id,
+                    delivered=delivered,
+                    error=str(error),
+                )
+            results.append(StoreError(str(error), delivered=delivered))
+        if stored:
+            self.metrics.notifications.inc(stored)
+        if self.delivered_listeners:
+            for n, error in zip(notifications, errors, strict=True):
+                if error is None and n.delivered_at is not None:
+                    self._fire_delivered(n.user_id or "", [n.id], None)
+        return results
+
+    def _has_session(self, user_id: str, *, plain: bool) -> bool:
+        """A live session of the user here (with ``plain``: one that does not
+        confirm receipts, so a push to it counts as delivered at once)."""
+        return any(
+            not c.closed and not (plain and c.receipts) for c in self.sessions.of_user(user_id)
+        )
+
+    def _push(self, n: Notification, user_id: str, now: float | None) -> int:
+        """Push to the user's sessions. With ``now`` (before the row is
+        written) a session without receipts getting it makes the row
+        delivered at ``now``; without (after), it is marked delivered later."""
+        framed = frame("notification", n.to_wire())
+        delivered = self.delivery.to_user(
+            user_id, "notification", None, notification_id=n.id, framed=framed
+        )
+        if not delivered:
+            return 0
+        if now is not None and self._has_session(user_id, plain=True):
+            n.delivered_at = now
+        else:
+            self._pushed(user_id, n.id, framed)
+        return delivered
 
     async def send_direct_message(self, session_id: str, payload: dict[str, Any]) -> int:
         """Push ``payload`` as a ``message`` event to one session (not stored),
@@ -346,6 +421,10 @@ class Hub:
         confirmations were new to this process."""
         assert connection.user_id is not None
         user_id = connection.user_id
+        saving = self._saving.get(user_id)
+        if saving:
+            # Pushed before its row was written: mark it once the row exists.
+            await asyncio.gather(*saving)
         known, unknown, latencies = self.receipts.confirm(user_id, list(dict.fromkeys(ids)))
         for seconds in latencies:
             self.metrics.confirm_seconds.observe(seconds)
@@ -429,6 +508,11 @@ class Hub:
     async def _replay(self, conn: Connection, user_id: str, last_id: str | None) -> None:
         cap = self.config.limits.max_replay
         cursor, sent = last_id, 0
+        saving = self._saving.get(user_id)
+        if saving:
+            # Pushed before this session existed and still being written:
+            # ``after(last_id)`` must see them.
+            await asyncio.gather(*saving)
         while sent < cap and not conn.closed:
             limit = min(MAX_PAGE, cap - sent)
             try:

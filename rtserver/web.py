@@ -358,6 +358,14 @@ class APIHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ProtocolError):
             err = exc
+        elif isinstance(exc, StoreError) and exc.delivered:
+            err = ProtocolError(
+                UNAVAILABLE,
+                f"the store is unavailable: the notification reached {exc.delivered} live"
+                " session(s) but is not stored (not in history, no offline delivery)",
+                status=503,
+                extra={"delivered": exc.delivered},
+            )
         elif isinstance(exc, StoreError):
             err = ProtocolError(
                 UNAVAILABLE,

@@ -58,10 +58,12 @@ class Running:
         self.clients.append(client)
         return client
 
-    async def user(self, user_id: str, last_id: str | None = None) -> Client:
+    async def user(
+        self, user_id: str, last_id: str | None = None, *, receipts: bool = True
+    ) -> Client:
         """A connected client registered as ``user_id``."""
         client = await self.connect()
-        await client.register(self.token(user_id), last_id=last_id)
+        await client.register(self.token(user_id), last_id=last_id, receipts=receipts)
         return client
 
     async def http(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from .conftest import Running, StartServer
@@ -22,6 +24,28 @@ class TestSend:
         assert body["notification"]["case_id"] == 7
         for tab in (tab1, tab2):
             assert (await tab.next("notification"))["id"] == body["notification"]["id"]
+
+    async def test_live_push_is_stored_delivered_in_one_write(self, server: Running) -> None:
+        """To a live session the notification is pushed first and its row is
+        written already delivered: no separate mark-delivered write follows."""
+        tab = await server.user("ann", receipts=False)
+        status, body = await server.http(
+            "POST",
+            "/api/notifications/ann",
+            {"message": "Case updated"},
+            token=server.token("svc", "publisher"),
+        )
+        assert status == 201 and body["delivered"] == 1
+        assert (await tab.next("notification"))["id"] == body["notification"]["id"]
+        stored = await server.hub.store.get("ann", body["notification"]["id"])
+        assert stored is not None and stored.delivered_at is not None
+        await asyncio.sleep(0.05)
+        registry = server.hub.metrics.registry
+        assert registry.get_sample_value("rtserver_store_seconds_count", {"op": "insert"}) == 1
+        assert (
+            registry.get_sample_value("rtserver_store_seconds_count", {"op": "mark_delivered"})
+            is None
+        )
 
     async def test_offline_user_gets_it_stored(self, server: Running) -> None:
         """With no live session the notification is stored (delivered 0) for later."""

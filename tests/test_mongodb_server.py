@@ -109,3 +109,40 @@ async def test_buffer_full_answers_503(start_server: StartServer, tmp_path: Path
         nx.start()
     finally:
         nx.stop()
+
+
+async def test_not_stored_but_delivered_says_so(start_server: StartServer, tmp_path: Path) -> None:
+    """A live session gets the push before the write; when the write is then
+    refused (database down, buffer full) the 503 says it was delivered live."""
+    nx = NxServer(tmp_path / "nx")
+    nx.start()
+    try:
+        srv = await start_server(config=mongo_config(tmp_path, nx, buffer_size=1))
+        tab = await srv.user("u", receipts=False)
+        token = srv.token("svc", "publisher")
+        nx.stop()
+        ok, _ = await srv.http("POST", "/api/notifications/u", {"message": "kept"}, token=token)
+        status, body = await srv.http(
+            "POST", "/api/notifications/u", {"message": "live only"}, token=token
+        )
+        assert ok == 201 and status == 503
+        assert body["error"]["code"] == "unavailable" and body["error"]["delivered"] == 1
+        assert "not stored" in body["error"]["message"]
+        assert [(await tab.next("notification"))["message"] for _ in range(2)] == [
+            "kept",
+            "live only",
+        ]
+        status, body = await srv.http(
+            "POST",
+            "/api/notifications",
+            [{"user_id": "u", "notification": {"message": "batch"}}],
+            token=token,
+        )
+        assert status == 503 and body["results"] == [
+            {
+                "error": {"code": "unavailable", "message": "not stored, but delivered live"},
+                "delivered": 1,
+            }
+        ]
+    finally:
+        nx.stop()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 
 import pytest
 
 from rtserver.client import ClientError
+from rtserver.protocol import Notification
+from rtserver.stores.base import StoreError
 
 from .conftest import Running
 
@@ -95,6 +98,34 @@ class TestOfflineDelivery:
         resumed = await server.user("carol", last_id=ids[1])
         got = [(await resumed.next("notification"))["id"] for _ in range(2)]
         assert got == ids[2:]
+
+    async def test_resume_sees_a_push_still_being_written(
+        self, server: Running, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A notification pushed live to one tab while its row is still being
+        written reaches a tab that resumes with last_id meanwhile: the replay
+        waits for the write instead of missing it."""
+        tab = await server.user("ivy")
+        first = await server.hub.send_notification("ivy", {"message": "seen"})
+        assert (await tab.next("notification"))["id"] == first.notification.id
+        store = server.hub.store
+        write = store.insert_many
+        gate = asyncio.Event()
+
+        async def slow_write(notifications: Sequence[Notification]) -> list[StoreError | None]:
+            await gate.wait()  # a slow disk or a distant database
+            return await write(notifications)
+
+        monkeypatch.setattr(store, "insert_many", slow_write)
+        sending = asyncio.ensure_future(server.hub.send_notification("ivy", {"message": "new"}))
+        pushed = await tab.next("notification")
+        assert pushed["message"] == "new" and not sending.done()
+        resumed = await server.user("ivy", last_id=first.notification.id)
+        await asyncio.sleep(0.05)
+        assert resumed.pending() == []
+        gate.set()
+        assert (await resumed.next("notification"))["id"] == pushed["id"]
+        assert (await sending).delivered == 1
 
     async def test_nothing_lost_between_disconnect_and_register(self, server: Running) -> None:
         """Sends racing a register are neither lost nor duplicated, and stay in order."""

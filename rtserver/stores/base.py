@@ -9,6 +9,7 @@ so ordering by id is ordering by creation.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Sequence
 
 from rtserver.protocol import Notification
@@ -18,7 +19,16 @@ MAX_PAGE = 500
 
 
 class StoreError(Exception):
-    """The store could not do what was asked (unreachable, failed write)."""
+    """The store could not do what was asked (unreachable, failed write).
+
+    ``delivered`` is set by the hub when a notification that could not be
+    stored had already been pushed live to that many sessions: the caller is
+    told it is missing from history and offline delivery, not that it was lost.
+    """
+
+    def __init__(self, message: str, *, delivered: int = 0) -> None:
+        super().__init__(message)
+        self.delivered = delivered
 
 
 class Store(abc.ABC):
@@ -42,6 +52,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def insert(self, notification: Notification) -> None:
         """Store one notification. Raises ``StoreError`` when it was not stored."""
+
+    async def insert_many(self, notifications: Sequence[Notification]) -> list[StoreError | None]:
+        """Store several notifications; one entry per notification in order:
+        None when it was stored, else the ``StoreError`` that kept it out.
+        Backends override this to write them in one round trip."""
+        results = await asyncio.gather(
+            *(self.insert(n) for n in notifications), return_exceptions=True
+        )
+        out: list[StoreError | None] = []
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, StoreError):
+                raise result
+            out.append(result)
+        return out
 
     @abc.abstractmethod
     async def mark_delivered(

@@ -40,26 +40,31 @@ class BroadcastLoad(APIHandler):
 
 
 class SendLoad(APIHandler):
-    """POST {"count", "users"}: notifications to random users through the
-    Python API, as a busy application would call it: up to ``window`` sends
-    in flight at once (in chunks of 1,000), each stored and delivered."""
+    """POST {"count", "users", "batch"}: notifications to random users through
+    the Python API, as a busy application would call it, with up to
+    ``window`` in flight: ``send_notification`` once per notification
+    (``batch`` 1), or ``send_notifications`` with ``batch`` at a time. Each
+    is stored and delivered before it counts."""
 
     async def post(self) -> None:
         req = self.body()
         users, count = req["users"], req["count"]
-        window = req.get("window", 20_000)
+        batch, window = req.get("batch", 1), req.get("window", 20_000)
         payload = {"message": pad(req.get("size", 150))}
-        send = self.hub.send_notification
+        hub = self.hub
         t0 = time.perf_counter()
-        chunk = 1000
+        chunk = 1000 if batch == 1 else batch
         running: set[asyncio.Future[Any]] = set()
         for start in range(0, count, chunk):
             if len(running) * chunk >= window:
                 _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            n = min(chunk, count - start)
-            running.add(
-                asyncio.gather(*(send(f"u{random.randrange(users)}", payload) for _ in range(n)))
-            )
+            targets = [f"u{random.randrange(users)}" for _ in range(min(chunk, count - start))]
+            if batch == 1:
+                running.add(asyncio.gather(*(hub.send_notification(u, payload) for u in targets)))
+            else:
+                running.add(
+                    asyncio.ensure_future(hub.send_notifications([(u, payload) for u in targets]))
+                )
             await asyncio.sleep(0)
         await asyncio.gather(*running)
         self.send({"seconds": time.perf_counter() - t0})

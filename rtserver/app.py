@@ -53,6 +53,7 @@ class Application(tornado.web.Application):
         # rescan it every time and stall every connection while they run.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*self.hub.config.server.gc_thresholds)
         log.info("server.started", plugins=self.plugins.names(), events=sorted(self.plugins.events))
 
     async def shutdown(self, timeout: float | None = None) -> None:
@@ -124,7 +125,8 @@ def make_app(
             "rtserver_delivered", hub=hub, user_id=user_id, ids=ids, connection=connection
         )
 
-    hub.delivered_listeners.append(delivered)
+    if loaded.implemented("rtserver_delivered"):
+        hub.delivered_listeners.append(delivered)
     return app
 
 

@@ -322,9 +322,10 @@ class Hub:
     def _has_session(self, user_id: str, *, plain: bool) -> bool:
         """A live session of the user here (with ``plain``: one that does not
         confirm receipts, so a push to it counts as delivered at once)."""
-        return any(
-            not c.closed and not (plain and c.receipts) for c in self.sessions.of_user(user_id)
-        )
+        for c in self.sessions.of_user(user_id):
+            if not c.closed and not (plain and c.receipts):
+                return True
+        return False
 
     def _push(self, n: Notification, user_id: str, now: float | None) -> int:
         """Push to the user's sessions. With ``now`` (before the row is

@@ -210,6 +210,10 @@ class Plugins:
             if inspect.isawaitable(result):
                 await result
 
+    def implemented(self, hook: str) -> bool:
+        """Whether any plugin implements ``hook`` (to skip work nobody hears)."""
+        return bool(getattr(self.pm.hook, hook).get_hookimpls())
+
     def notify(self, hook: str, **kwargs: Any) -> list[Any]:
         """Run a per-connection hook; the caller deals with awaitables."""
         return [result for _, result in self._each(hook, **kwargs)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -18,6 +19,7 @@ from rtserver.protocol import (
     check_shape,
     decode_frame,
     encode,
+    iso_utc,
     ws_text_frame,
 )
 
@@ -166,6 +168,8 @@ class TestConfig:
                 "auth.secret: the development secret",
             ),
             ({"store": {"backend": "mongodb"}, "auth": {"secret": "x"}}, "store.uri: required"),
+            ({"server": {"gc_thresholds": [0, 10, 10]}}, "server.gc_thresholds: three positive"),
+            ({"server": {"gc_thresholds": [700, 10]}}, "server.gc_thresholds: expected `array`"),
             (
                 {"auth": {"secret": "${RTSERVER_TEST_UNSET_VAR}"}},
                 "auth.secret: environment variable RTSERVER_TEST_UNSET_VAR is not set",
@@ -186,3 +190,14 @@ class TestConfig:
         with pytest.raises(AttributeError):
             cfg.server.port = 1  # type: ignore[misc]
         assert isinstance(msgspec.to_builtins(cfg), dict)
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [0.0, 0.0005, 1.9999995, 1700000000.5, 1700000000.0009995, 1700000000.9995, 1764110000.1234],
+)
+def test_iso_utc_matches_datetime(ts: float) -> None:
+    """The fast ISO formatter gives exactly datetime's string, at rounding edges too."""
+    expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    assert iso_utc(ts) == expected
+    assert iso_utc(ts + 1) != expected  # the cached seconds part moves on

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import os
 import signal
@@ -282,3 +283,11 @@ def test_python_client_module_is_importable_without_server() -> None:
         check=True,
     )
     assert out.stdout.strip() == "Client"
+
+
+async def test_startup_applies_gc_thresholds(start_server: StartServer) -> None:
+    """server.gc_thresholds is applied at start-up, after the start-up objects
+    are frozen out of the collector's full passes."""
+    await start_server(server={"gc_thresholds": [5000, 7, 9]})
+    assert gc.get_threshold() == (5000, 7, 9)
+    assert gc.get_freeze_count() > 0

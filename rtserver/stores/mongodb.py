@@ -279,9 +279,39 @@ class MongoStore(Store):
                 self._degrade()
             except PyMongoError as err:
                 raise self._wrap(err) from None
-        if len(self._buffer) >= self.config.buffer_size:
-            raise StoreError("mongodb is unreachable and the write buffer is full")
+        error = self._hold(doc)
+        if error is not None:
+            raise error
+
+    def _hold(self, doc: dict[str, Any]) -> StoreError | None:
+        """Keep ``doc`` for the retry loop; an error when the buffer is full."""
+        if len(self._buffer) >= self.config.buffer_size and doc["_id"] not in self._buffer:
+            return StoreError("mongodb is unreachable and the write buffer is full")
         self._buffer[doc["_id"]] = doc
+        return None
+
+    async def insert_many(self, notifications: Sequence[Notification]) -> list[StoreError | None]:
+        """One unordered ``insert`` command for all; a duplicate key means an
+        earlier attempt landed. Unreachable: buffered like ``insert``."""
+        if any(n.user_id is None for n in notifications):
+            raise StoreError("only notifications addressed to a user are stored")
+        docs = [to_document(n) for n in notifications]
+        if not self._degraded:
+            try:
+                await self._coll.insert_many(docs, ordered=False)
+                return [None] * len(docs)
+            except BulkWriteError as err:
+                errors: list[StoreError | None] = [None] * len(docs)
+                for e in err.details.get("writeErrors", []):
+                    if e.get("code") != DUPLICATE_KEY:
+                        errors[e["index"]] = StoreError(f"mongodb: {redact(e.get('errmsg', ''))}")
+                return errors
+            except ConnectionFailure as err:
+                log.warning("store.unreachable", backend=self.name, error=redact(str(err)))
+                self._degrade()
+            except PyMongoError as err:
+                return [self._wrap(err)] * len(docs)
+        return [self._hold(doc) for doc in docs]
 
     async def _set_delivered(
         self, ids: Sequence[str], at: datetime, user_id: str | None = None

@@ -52,6 +52,14 @@ class StoreSuite:
         await store.insert(n)
         assert await store.get("v", n.id) is None
 
+    async def test_insert_many_stores_each(self, store: Store) -> None:
+        """insert_many stores every notification and reports None for each."""
+        notes = [note("many", str(i)) for i in range(120)] + [note("other")]
+        assert await store.insert_many(notes) == [None] * 121
+        history = await store.history("many", limit=500)
+        assert [n.message for n in history] == [str(i) for i in reversed(range(120))]
+        assert await store.unread_count("other") == 1
+
     async def test_concurrent_inserts_all_land(self, store: Store) -> None:
         """Many concurrent inserts are all stored (group commit loses none)."""
         notes = [note("bulk", str(i)) for i in range(300)]

@@ -12,7 +12,10 @@ import pytest
 from mockupdb import MockupDB, Request
 
 from rtserver.config import StoreConfig
+from rtserver.stores.base import StoreError
 from rtserver.stores.mongodb import MongoStore
+
+from .suite import note
 
 
 @pytest.fixture
@@ -223,3 +226,27 @@ async def test_mark_delivered_sets_first_time_only(opened: MongoStore, mock: Moc
     assert stmt["u"]["$set"]["delivered"] is True
     request.replies({"ok": 1, "n": 1, "nModified": 1})
     await task
+
+
+async def test_insert_many_is_one_unordered_insert(opened: MongoStore, mock: MockupDB) -> None:
+    """A batch is one unordered insert command; a duplicate key (an earlier
+    try landed) counts as stored, any other write error is that item's."""
+    notes = [note("u", str(i)) for i in range(3)]
+    task = asyncio.ensure_future(opened.insert_many(notes))
+    request = await receive(mock)
+    cmd = command(request)
+    assert cmd["insert"] == "notifications" and cmd["ordered"] is False
+    assert [d["_id"] for d in cmd["documents"]] == [n.id for n in notes]
+    request.replies(
+        {
+            "ok": 1,
+            "n": 1,
+            "writeErrors": [
+                {"index": 0, "code": 11000, "errmsg": "E11000 duplicate key"},
+                {"index": 2, "code": 121, "errmsg": "Document failed validation"},
+            ],
+        }
+    )
+    results = await task
+    assert results[:2] == [None, None]
+    assert isinstance(results[2], StoreError) and "validation" in str(results[2])

@@ -3,6 +3,7 @@ SQLite file under tmp_path."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from rtserver.client import Client
 from rtserver.config import Config, LoggingConfig, parse_config
 from rtserver.hub import Hub
 from rtserver.log import configure_logging
+from rtserver.protocol import Notification
+from rtserver.stores.base import StoreError
 
 SECRET = "test-secret-0123456789-0123456789-abcdef"
 
@@ -105,6 +108,21 @@ class Running:
 
 
 StartServer = Callable[..., Awaitable[Running]]
+
+
+def hold_writes(server: Running, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Hold the store's batch writes (a slow disk or a distant database) until
+    the returned event is set; pushes and reads go on meanwhile."""
+    store = server.hub.store
+    write = store.insert_many
+    gate = asyncio.Event()
+
+    async def held(notifications: Sequence[Notification]) -> list[StoreError | None]:
+        await gate.wait()
+        return await write(notifications)
+
+    monkeypatch.setattr(store, "insert_many", held)
+    return gate
 
 
 @pytest.fixture

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from rtserver.plugins import hookimpl
-from rtserver.protocol import Notification
-from rtserver.stores.base import StoreError
 
-from .conftest import Running, StartServer
+from .conftest import Running, StartServer, hold_writes
 
 
 async def stored(server: Running, user_id: str, nid: str) -> dict[str, Any]:
@@ -180,15 +177,7 @@ async def test_confirmation_before_the_row_is_written_still_marks_it(
     """A push goes out before its row is written, so a quick client can confirm
     first: the mark waits for the row instead of updating nothing."""
     phone = await receipts_client(server, "cy", confirm=True)
-    store = server.hub.store
-    write = store.insert_many
-    gate = asyncio.Event()
-
-    async def slow_write(notifications: Sequence[Notification]) -> list[StoreError | None]:
-        await gate.wait()  # a slow disk or a distant database
-        return await write(notifications)
-
-    monkeypatch.setattr(store, "insert_many", slow_write)
+    gate = hold_writes(server, monkeypatch)
     sending = asyncio.ensure_future(server.hub.send_notification("cy", {"message": "fast"}))
     pushed = await phone.next("notification")
     await asyncio.sleep(0.05)  # the confirmation has arrived; the row is not written

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
 
 import pytest
 
 from rtserver.client import ClientError
-from rtserver.protocol import Notification
-from rtserver.stores.base import StoreError
 
-from .conftest import Running
+from .conftest import Running, hold_writes
 
 
 async def raw_reply(client, text: str) -> dict:  # type: ignore[no-untyped-def]
@@ -108,15 +105,7 @@ class TestOfflineDelivery:
         tab = await server.user("ivy")
         first = await server.hub.send_notification("ivy", {"message": "seen"})
         assert (await tab.next("notification"))["id"] == first.notification.id
-        store = server.hub.store
-        write = store.insert_many
-        gate = asyncio.Event()
-
-        async def slow_write(notifications: Sequence[Notification]) -> list[StoreError | None]:
-            await gate.wait()  # a slow disk or a distant database
-            return await write(notifications)
-
-        monkeypatch.setattr(store, "insert_many", slow_write)
+        gate = hold_writes(server, monkeypatch)
         sending = asyncio.ensure_future(server.hub.send_notification("ivy", {"message": "new"}))
         pushed = await tab.next("notification")
         assert pushed["message"] == "new" and not sending.done()

@@ -75,6 +75,10 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: connection; 10,000 keeps each young pass short (about a millisecond)
     #: and full passes rare, while cyclic garbage is still reclaimed.
     gc_thresholds: tuple[int, int, int] = (10_000, 10, 10)
+    #: Write coalescing: frames for one client wait this many event-loop turns
+    #: and go out as one write (an idle loop turns in microseconds; a busy one
+    #: gathers several broadcasts per client). 0 writes every frame at once.
+    coalesce_turns: int = 8
 
 
 class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -271,6 +275,8 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
     ):
         if value < 0 or (value == 0 and name != "server.port"):
             raise ConfigError(f"{source}: {name}: must be positive")
+    if not 0 <= config.server.coalesce_turns <= 1000:
+        raise ConfigError(f"{source}: server.coalesce_turns: an integer from 0 to 1000")
     if min(config.server.gc_thresholds) < 1:
         raise ConfigError(
             f"{source}: server.gc_thresholds: three positive integers (0 would disable collection)"

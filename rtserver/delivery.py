@@ -13,7 +13,7 @@ from typing import Any
 from rtserver.broker import LocalBroker
 from rtserver.metrics import Metrics
 from rtserver.protocol import FrameId, encode, ws_text_frame
-from rtserver.sessions import Connection, SessionRegistry
+from rtserver.sessions import Connection, Outbox, SessionRegistry
 
 
 def frame(event: str, data: Any, frame_id: FrameId | None = None) -> bytes:
@@ -27,9 +27,16 @@ class Delivery:
     came from them (``fan_out=False``)."""
 
     def __init__(
-        self, sessions: SessionRegistry, metrics: Metrics, broker: LocalBroker | None = None
+        self,
+        sessions: SessionRegistry,
+        metrics: Metrics,
+        broker: LocalBroker | None = None,
+        *,
+        coalesce_turns: int = 0,
     ) -> None:
         self.sessions = sessions
+        #: Connections write through it (``Connection(..., outbox=)``).
+        self.outbox = Outbox(coalesce_turns)
         self.metrics = metrics
         self.broker = broker or LocalBroker()
         self._out: dict[str, Any] = {}

@@ -73,7 +73,9 @@ class Hub:
         self.metrics = Metrics()
         self.sessions = SessionRegistry()
         self.broker = make_broker(config.broker)
-        self.delivery = Delivery(self.sessions, self.metrics, self.broker)
+        self.delivery = Delivery(
+            self.sessions, self.metrics, self.broker, coalesce_turns=config.server.coalesce_turns
+        )
         self.auth = Authenticator(config.auth)
         self.limits = RateLimits(config.limits, self.metrics)
         self.new_id = IdGenerator()
@@ -100,6 +102,12 @@ class Hub:
             outbound=lambda: sum(c.outbound_buffer() for c in self.sessions),
             outbound_max=lambda: max((c.outbound_buffer() for c in self.sessions), default=0),
             store_buffered=lambda: getattr(self.store, "buffered", 0),
+        )
+        outbox = self.delivery.outbox
+        self.metrics.bind_counter(
+            "rtserver_socket_writes",
+            "Writes to client sockets; one carries several frames when coalesced",
+            lambda: outbox.sends,
         )
 
     # -- lifecycle --------------------------------------------------------

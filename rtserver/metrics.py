@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import generate_latest
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -129,6 +130,11 @@ class Metrics:
         self.outbound_max.set_function(outbound_max)
         self.store_buffered.set_function(store_buffered)
 
+    def bind_counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A counter kept as a plain number elsewhere (too hot a path for a
+        Prometheus counter's lock), read when scraped."""
+        self.registry.register(_LiveCounter(name, documentation, read))
+
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -154,3 +160,11 @@ class Metrics:
                 else:
                     out[name + ("_total" if suffix == "_total" else "")] = sample.value
         return out
+
+
+class _LiveCounter:
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, value=self.read())]

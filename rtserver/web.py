@@ -208,7 +208,7 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
             self.conn.alive(time.monotonic())
 
     def open(self, *args: str, **kwargs: str) -> None:
-        conn = self.conn = Connection(self, self.request.remote_ip)
+        conn = self.conn = Connection(self, self.request.remote_ip, outbox=self.hub.delivery.outbox)
         conn.last_seen = time.monotonic()
         stream = self.raw_stream()
         if stream is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,14 @@ class Running:
         client = await self.connect()
         await client.register(self.token(user_id), last_id=last_id, receipts=receipts)
         return client
+
+    async def replays_done(self, timeout: float = 5.0) -> None:
+        """Wait until no session is still replaying its backlog (pushes are
+        held meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while any(c.replaying for c in self.hub.sessions):
+            assert time.monotonic() < deadline, "a replay did not end"
+            await asyncio.sleep(0.005)
 
     async def http(
         self,

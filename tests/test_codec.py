@@ -170,6 +170,7 @@ class TestConfig:
             ({"store": {"backend": "mongodb"}, "auth": {"secret": "x"}}, "store.uri: required"),
             ({"server": {"gc_thresholds": [0, 10, 10]}}, "server.gc_thresholds: three positive"),
             ({"server": {"gc_thresholds": [700, 10]}}, "server.gc_thresholds: expected `array`"),
+            ({"server": {"coalesce_turns": -1}}, "server.coalesce_turns: an integer from 0"),
             (
                 {"auth": {"secret": "${RTSERVER_TEST_UNSET_VAR}"}},
                 "auth.secret: environment variable RTSERVER_TEST_UNSET_VAR is not set",

@@ -9,7 +9,7 @@ import pytest
 
 from rtserver.client import ClientError
 
-from .conftest import Running, hold_writes
+from .conftest import Running, StartServer, hold_writes
 
 
 async def raw_reply(client, text: str) -> dict:  # type: ignore[no-untyped-def]
@@ -249,6 +249,39 @@ class TestPushes:
         assert await tab2.next("message") == {"message": "hi"}
         await asyncio.sleep(0.05)
         assert tab1.pending() == []
+
+
+class TestWriteCoalescing:
+    @pytest.mark.parametrize(("turns", "writes"), [(8, 2), (0, 10)])
+    async def test_a_burst_goes_out_in_one_write_per_client(
+        self, start_server: StartServer, turns: int, writes: int
+    ) -> None:
+        """Broadcasts in consecutive loop turns reach each client in order and,
+        with coalescing, as one socket write per client (counted by the
+        rtserver_socket_writes metric); with coalesce_turns 0, one per frame."""
+        server = await start_server(server={"coalesce_turns": turns})
+        clients = [await server.user(u, receipts=False) for u in ("u1", "u2")]
+        await server.replays_done()
+        before = server.hub.get_connection_metrics()["socket_writes_total"]
+        for i in range(5):
+            await server.hub.send_broadcast_notification({"message": f"m{i}"})
+            await asyncio.sleep(0)
+        for c in clients:
+            got = [(await c.next("notification"))["message"] for _ in range(5)]
+            assert got == [f"m{i}" for i in range(5)]
+        after = server.hub.get_connection_metrics()["socket_writes_total"]
+        assert after - before == writes
+
+    async def test_a_close_sends_what_was_written_before_it(self, server: Running) -> None:
+        """A push and a close in the same loop turn: the push arrives, then the close."""
+        client = await server.user("ivy")
+        await server.replays_done()
+        sid = client.session_id or ""
+        assert await server.hub.send_direct_message(sid, {"message": "bye"}) == 1
+        assert server.hub.disconnect_session(sid, "maintenance")
+        assert await client.next("message") == {"message": "bye"}
+        await asyncio.wait_for(client.closed.wait(), 5)
+        assert client.close_code == 1008
 
 
 class TestBadInput:

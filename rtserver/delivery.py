@@ -39,29 +39,21 @@ class Delivery:
         self.outbox = Outbox(coalesce_turns)
         self.metrics = metrics
         self.broker = broker or LocalBroker()
-        self._out: dict[str, Any] = {}
-        self._kinds = {k: metrics.deliveries.labels(k) for k in ("user", "session", "broadcast")}
-
-    def _frames(self, event: str) -> Any:
-        """The ``frames_out`` counter for ``event`` (``labels()`` takes a lock
-        and builds a key each call: too slow for once per push)."""
-        counter = self._out.get(event)
-        if counter is None:
-            counter = self._out[event] = self.metrics.frames_out.labels(event)
-        return counter
+        self._frames = metrics.frames_out.inc
+        self._kinds = metrics.deliveries.inc
 
     def reply(self, conn: Connection, frame_id: FrameId | None, event: str, data: Any) -> bool:
         """An ``ack`` or ``error`` to the frame ``frame_id`` (never held back)."""
         ok = conn.write(frame(event, data, frame_id))
         if ok:
-            self._frames(event).inc()
+            self._frames(event)
         return ok
 
     def to_connection(self, conn: Connection, event: str, data: Any) -> bool:
         """A push to one connection, registered or not."""
         ok = conn.push(frame(event, data))
         if ok:
-            self._frames(event).inc()
+            self._frames(event)
         return ok
 
     def to_user(
@@ -93,8 +85,8 @@ class Delivery:
             if conn.push(payload, notification_id):
                 n += 1
         if n:
-            self._frames(event).inc(n)
-            self._kinds["user"].inc(n)
+            self._frames(event, n)
+            self._kinds("user", n)
         return n
 
     def to_session(self, session_id: str, event: str, data: Any) -> bool:
@@ -102,8 +94,8 @@ class Delivery:
         conn = self.sessions.get(session_id)
         if conn is None or not conn.registered or not conn.push(frame(event, data)):
             return False
-        self._frames(event).inc()
-        self._kinds["session"].inc()
+        self._frames(event)
+        self._kinds("session")
         return True
 
     def broadcast(self, event: str, data: Any) -> int:
@@ -121,24 +113,24 @@ class Delivery:
             if conn.push(payload):
                 n += 1
         if n:
-            self._frames(event).inc(n)
-            self._kinds["broadcast"].inc(n)
+            self._frames(event, n)
+            self._kinds("broadcast", n)
         return n
 
     def to_connection_framed(self, conn: Connection, payload: bytes, event: str) -> bool:
         """A frame built elsewhere (another node) to one session here."""
         ok = conn.push(payload)
         if ok:
-            self._frames(event).inc()
-            self._kinds["session"].inc()
+            self._frames(event)
+            self._kinds("session")
         return ok
 
     def resend(self, conns: list[Connection], framed: bytes, notification_id: str) -> int:
         """Push an unconfirmed notification again (same id) to these sessions."""
         n = sum(1 for conn in conns if conn.push(framed, notification_id))
         if n:
-            self._frames("notification").inc(n)
-            self._kinds["user"].inc(n)
+            self._frames("notification", n)
+            self._kinds("user", n)
         return n
 
     def replay(
@@ -153,6 +145,6 @@ class Delivery:
         ]
         written = [(nid, f) for nid, f in framed if conn.replay(f, nid)]
         if written:
-            self._frames("notification").inc(len(written))
-            self._kinds["user"].inc(len(written))
+            self._frames("notification", len(written))
+            self._kinds("user", len(written))
         return written

@@ -330,7 +330,7 @@ class Hub:
     def _has_session(self, user_id: str, *, plain: bool) -> bool:
         """A live session of the user here (with ``plain``: one that does not
         confirm receipts, so a push to it counts as delivered at once)."""
-        for c in self.sessions.of_user(user_id):
+        for c in self.sessions.view_of_user(user_id):
             if not c.closed and not (plain and c.receipts):
                 return True
         return False
@@ -387,7 +387,7 @@ class Hub:
     def _pushed(self, user_id: str, notification_id: str, framed: bytes) -> None:
         """After a live push: delivered now if a session without receipts got
         it, else delivered once a receipts-session confirms."""
-        sessions = [c for c in self.sessions.of_user(user_id) if not c.closed]
+        sessions = [c for c in self.sessions.view_of_user(user_id) if not c.closed]
         if any(not c.receipts for c in sessions):
             self._note_delivered(user_id, notification_id)
         else:
@@ -556,7 +556,7 @@ class Hub:
         """A connection closed: forget it (and the user's channel, if it was
         the user's last session on this node)."""
         self.sessions.remove(conn)
-        if conn.user_id is not None and not self.sessions.of_user(conn.user_id):
+        if conn.user_id is not None and not self.sessions.view_of_user(conn.user_id):
             self.broker.unwatch_user(conn.user_id)
 
     def deliver_from_cluster(

@@ -11,7 +11,7 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, Protocol
 
 from tornado.iostream import StreamBufferFullError, StreamClosedError
@@ -375,8 +375,15 @@ class SessionRegistry:
         return self._connections.get(session_id)
 
     def of_user(self, user_id: str) -> list[Connection]:
+        """A snapshot: safe to push to (a push may close a slow session)."""
         sessions = self._by_user.get(user_id)
         return list(sessions.values()) if sessions else []
+
+    def view_of_user(self, user_id: str) -> Collection[Connection]:
+        """The user's sessions without a copy: only to look at, never while
+        pushing (use ``of_user`` for that)."""
+        sessions = self._by_user.get(user_id)
+        return sessions.values() if sessions else ()
 
     def users(self) -> int:
         return len(self._by_user)

@@ -2,9 +2,10 @@
 
 Every figure is measured in this run, side by side: rtserver, stock Tornado
 (``write_message(json.dumps(...))`` per client) and the raw ``send()`` limit of
-the same core. The server is pinned to CPU 0 and the C load generator
-(``bench/loadgen.c``, compiled here with gcc) to CPU 1; the generator reports
-its own CPU share so it can be seen not to be the bottleneck. Loopback only.
+the same core. The server is pinned to CPU 0, the C load generator
+(``bench/loadgen.c``, compiled here with gcc) and this harness's own HTTP
+clients to CPU 1; both report their CPU share so they can be seen not to be
+the bottleneck. Loopback only.
 """
 
 from __future__ import annotations
@@ -296,21 +297,32 @@ def http_publish(workdir: Path, connections_: int, batches: int, batch: int) -> 
                     done[slot] += 1
             conn.close()
 
-        def run(path: str, payload: str, n: int, slot: int) -> float:
+        def run(path: str, payload: str, n: int, slot: int) -> tuple[float, float]:
+            """Seconds taken, and this process's CPU share meanwhile."""
             threads = [
                 threading.Thread(target=worker, args=(path, payload, n, slot))
                 for _ in range(connections_)
             ]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            return time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            return took, (cpu_seconds() - c0) / took
 
-        took = run("/api/notifications", body, batches, 0)
-        single_took = run("/api/notifications/u1", single, 500, 1)
-        return {"batch_rate": done[0] * batch / took, "single_rate": done[1] / single_took}
+        took, batch_cpu = run("/api/notifications", body, batches, 0)
+        single_took, single_cpu = run("/api/notifications/u1", single, 500, 1)
+        return {
+            "batch_rate": done[0] * batch / took,
+            "single_rate": done[1] / single_took,
+            "client_cpu": (batch_cpu, single_cpu),
+        }
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def latency(loadgen: Path, workdir: Path, idle: int, rate: int, seconds: float) -> dict[str, Any]:
@@ -362,6 +374,9 @@ def main() -> None:
     if shutil.which("gcc") is None:
         sys.exit("bench: gcc is needed to build the load generator (apt-get install gcc)")
     raise_nofile()
+    # The harness's own clients (HTTP publishing, the latency POSTs) run on the
+    # load generator's core, never beside the server; servers re-pin themselves.
+    os.sched_setaffinity(0, {CLIENT_CPU})
     scale = 0.1 if args.quick else 1.0
     workdir = Path(tempfile.mkdtemp(prefix="rtbench-"))
     loadgen = build_loadgen(workdir)
@@ -443,7 +458,7 @@ def main() -> None:
                 "HTTP publish, batches of 500 over 4 connections (notifications/s)",
                 f"{hp['batch_rate']:,.0f}",
                 f"single POSTs {hp['single_rate']:,.0f}/s",
-                "-",
+                "{:.0%} / {:.0%}".format(*hp["client_cpu"]),
             )
         )
         print(rows[-1], flush=True)

@@ -64,6 +64,24 @@ class SendResult(NamedTuple):
     delivered: int
 
 
+class _Batch:
+    """Notifications sent together: pushed one by one (``Hub._begin``), stored
+    with one store call (``Hub._finish``)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+        self.notifications: list[Notification] = []
+        #: Per notification, the live sessions it was pushed to.
+        self.pushed: list[int] = []
+        #: Indexes of the notifications written first and pushed after.
+        self.later: list[int] = []
+        #: Done once the batch's rows are written (replays and receipts wait).
+        self.saved: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.saving: dict[str, list[asyncio.Future[None]]] = {}
+        #: With ``send_notification``: each caller's future, in order.
+        self.callers: list[asyncio.Future[SendResult | StoreError]] = []
+
+
 class Hub:
     """Shared state (sessions, store, delivery, metrics) and the Python API."""
 
@@ -89,6 +107,8 @@ class Hub:
         #: Per user, the pushed-first notifications still being written: a
         #: replay waits for them so that ``after(last_id)`` sees them.
         self._saving: dict[str, list[asyncio.Future[None]]] = {}
+        #: The batch collecting this loop turn's ``send_notification`` calls.
+        self._turn_batch: _Batch | None = None
         self._store_timers: dict[str, Any] = {}
         #: Called as (user_id, ids, connection or None) when notifications
         #: become delivered; the app forwards them to the rtserver_delivered hook.
@@ -229,13 +249,40 @@ class Hub:
 
         Raises ``ProtocolError`` for an invalid payload and ``StoreError`` when
         it could not be stored (``StoreError.delivered``: sessions that got it
-        live all the same).
+        live all the same). Calls made in the same loop turn are stored with
+        one store call, as ``send_notifications`` would.
         """
         _check_user_id(user_id)
-        (result,) = await self._send([self.make_notification(user_id, payload)])
+        notification = self.make_notification(user_id, payload)
+        batch = self._turn_batch
+        if batch is None:
+            batch = self._turn_batch = _Batch()
+            asyncio.get_running_loop().call_soon(self._close_turn_batch, batch)
+        fut: asyncio.Future[SendResult | StoreError] = batch.saved.get_loop().create_future()
+        batch.callers.append(fut)
+        self._begin(batch, notification)
+        result = await fut
         if isinstance(result, StoreError):
             raise result
         return result
+
+    def _close_turn_batch(self, batch: _Batch) -> None:
+        """The turn is over: store what its ``send_notification`` calls sent."""
+        self._turn_batch = None
+
+        async def finish() -> None:
+            try:
+                results = await self._finish(batch)
+            except BaseException as exc:
+                for fut in batch.callers:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                raise
+            for fut, result in zip(batch.callers, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+        self.spawn(finish())
 
     async def send_notifications(
         self, items: Sequence[tuple[str, dict[str, Any]]]
@@ -253,54 +300,58 @@ class Hub:
                 raise ProtocolError(
                     err.code, f"[{index}]: {err.message}", status=err.status
                 ) from None
-        return await self._send(notifications)
+        batch = _Batch()
+        for n in notifications:
+            self._begin(batch, n)
+        return await self._finish(batch)
 
-    async def _send(self, notifications: list[Notification]) -> list[SendResult | StoreError]:
-        """Push and store, one store call for all. Two paths per notification:
+    # Sending is in two steps, so that one store call serves a whole batch:
+    #
+    # - ``_begin``, at once for each notification: when the user has a live
+    #   session, push now (the push does not wait for the disk); if a session
+    #   that does not confirm receipts got it, the row is written already
+    #   delivered (one write), else a confirmation marks it delivered once
+    #   the row is written. Otherwise the notification is "in flight": its
+    #   row is written first and pushed after to whichever sessions exist
+    #   then. A replay that finds an in-flight one in the store leaves it to
+    #   that push, and later sends to the same user take this path too, so
+    #   the user's notifications stay in order and are sent once.
+    # - ``_finish``: one store call for the batch, then the in-flight pushes
+    #   and the results.
 
-        - the user has a live session: push now (the push does not wait for
-          the disk); if a session that does not confirm receipts got it, the
-          row is written already delivered (one write), else a confirmation
-          marks it delivered once the row is written;
-        - otherwise the row is written first and pushed after to whichever
-          sessions exist then. Between the two it is "in flight": a replay
-          that finds it in the store leaves it to this push, and later sends
-          to the same user take this path too, so the user's notifications
-          stay in order and are sent once.
-        """
-        now = time.time()
-        pushed = [0] * len(notifications)
-        later: list[int] = []
-        saving: dict[str, list[asyncio.Future[None]]] = {}
-        saved: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for i, n in enumerate(notifications):
-            user_id = n.user_id
-            assert user_id is not None
-            if user_id not in self._inflight and self._has_session(user_id, plain=False):
-                pushed[i] = self._push(n, user_id, now)
-                if user_id not in saving:
-                    saving[user_id] = waiting = self._saving.setdefault(user_id, [])
-                    waiting.append(saved)
-            else:
-                self._inflight.setdefault(user_id, set()).add(n.id)
-                later.append(i)
+    def _begin(self, batch: _Batch, n: Notification) -> None:
+        user_id = n.user_id
+        assert user_id is not None
+        if user_id not in self._inflight and self._has_session(user_id, plain=False):
+            batch.pushed.append(self._push(n, user_id, batch.now))
+            if user_id not in batch.saving:
+                batch.saving[user_id] = waiting = self._saving.setdefault(user_id, [])
+                waiting.append(batch.saved)
+        else:
+            self._inflight.setdefault(user_id, set()).add(n.id)
+            batch.later.append(len(batch.notifications))
+            batch.pushed.append(0)
+        batch.notifications.append(n)
+
+    async def _finish(self, batch: _Batch) -> list[SendResult | StoreError]:
+        notifications, pushed = batch.notifications, batch.pushed
         try:
             errors = await self._store_op("insert", self.store.insert_many(notifications))
         except StoreError as err:
             errors = [err] * len(notifications)
         finally:
-            saved.set_result(None)
-            for user_id, waiting in saving.items():
-                waiting.remove(saved)
+            batch.saved.set_result(None)
+            for user_id, waiting in batch.saving.items():
+                waiting.remove(batch.saved)
                 if not waiting:
                     del self._saving[user_id]
-            for i in later:
+            for i in batch.later:
                 n = notifications[i]
                 inflight = self._inflight[n.user_id]  # type: ignore[index]
                 inflight.discard(n.id)
                 if not inflight:
                     del self._inflight[n.user_id]  # type: ignore[arg-type]
-        for i in later:
+        for i in batch.later:
             if errors[i] is None:
                 pushed[i] = self._push(notifications[i], notifications[i].user_id or "", None)
         results: list[SendResult | StoreError] = []

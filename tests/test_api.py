@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 
 import pytest
 
 from rtserver.protocol import ProtocolError
+from rtserver.stores.base import StoreError
 
 from .conftest import Running
 
@@ -21,6 +23,53 @@ class TestPythonAPI:
         assert (await tab.next("notification"))["id"] == result.notification.id
         stored = await server.hub.get_notifications_for_user("u")
         assert [n.id for n in stored] == [result.notification.id]
+
+    async def test_calls_in_one_turn_share_one_store_call(
+        self, server: Running, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Concurrent send_notification calls made in the same loop turn are
+        stored with one insert_many; each caller gets its own result, a live
+        user's pushes keep the call order, an offline user's are stored."""
+        store = server.hub.store
+        calls: list[int] = []
+        real_insert_many = store.insert_many
+
+        async def counted(notifications):  # type: ignore[no-untyped-def]
+            calls.append(len(notifications))
+            return await real_insert_many(notifications)
+
+        monkeypatch.setattr(store, "insert_many", counted)
+        tab = await server.user("live", receipts=False)
+        await server.replays_done()
+        sends = [("live", "a"), ("away", "b"), ("live", "c"), ("away", "d")]
+        results = await asyncio.gather(
+            *(server.hub.send_notification(u, {"message": m}) for u, m in sends)
+        )
+        assert calls == [4]
+        assert [(r.notification.user_id, r.notification.message) for r in results] == sends
+        assert [r.delivered for r in results] == [1, 0, 1, 0]
+        assert [(await tab.next("notification"))["message"] for _ in range(2)] == ["a", "c"]
+        away = await server.hub.get_notifications_for_user("away")
+        assert [n.message for n in away] == ["d", "b"]  # newest first
+
+    async def test_a_failed_shared_store_call_fails_each_caller(self, server: Running) -> None:
+        """When the shared write fails (an SQLite trigger refuses inserts),
+        every caller in the turn gets StoreError, with the sessions that got
+        it live: none is lost silently."""
+        await server.user("live", receipts=False)
+        await server.replays_done()
+        with sqlite3.connect(server.hub.store.path) as db:  # type: ignore[attr-defined]
+            db.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON notifications"
+                " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        results = await asyncio.gather(
+            server.hub.send_notification("live", {"message": "a"}),
+            server.hub.send_notification("away", {"message": "b"}),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StoreError) for r in results)
+        assert [r.delivered for r in results] == [1, 0]  # type: ignore[union-attr]
 
     async def test_send_rejects_invalid_payload(self, server: Running) -> None:
         """A payload without message raises ProtocolError and stores nothing."""

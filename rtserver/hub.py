@@ -169,6 +169,8 @@ class Hub:
         for pc in self._periodic:
             pc.stop()
         self._periodic.clear()
+        if self._turn_batch is not None:
+            self._close_turn_batch(self._turn_batch)
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self._flush_delivered()
@@ -268,6 +270,8 @@ class Hub:
 
     def _close_turn_batch(self, batch: _Batch) -> None:
         """The turn is over: store what its ``send_notification`` calls sent."""
+        if self._turn_batch is not batch:
+            return  # closed already, by ``stop``
         self._turn_batch = None
 
         async def finish() -> None:

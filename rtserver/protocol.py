@@ -215,20 +215,23 @@ def ws_text_frame(payload: bytes) -> bytes:
 
 def check_shape(obj: Any, *, max_depth: int, max_fields: int, where: str = "data") -> None:
     """Refuse payloads nested deeper than ``max_depth`` or with objects wider
-    than ``max_fields`` keys (lists count toward depth, not width)."""
+    than ``max_fields`` keys (lists count toward depth, not width). Only
+    objects and lists are visited (a flat payload is one pass over its keys)."""
     stack: list[tuple[Any, int, str]] = [(obj, 1, where)]
     while stack:
         node, depth, path = stack.pop()
+        if depth > max_depth:
+            raise ProtocolError(TOO_LARGE, f"{path}: nested deeper than {max_depth}")
         if isinstance(node, dict):
-            if depth > max_depth:
-                raise ProtocolError(TOO_LARGE, f"{path}: nested deeper than {max_depth}")
             if len(node) > max_fields:
                 raise ProtocolError(TOO_LARGE, f"{path}: more than {max_fields} fields")
-            stack.extend((v, depth + 1, f"{path}.{k}") for k, v in node.items())
+            for k, v in node.items():
+                if isinstance(v, (dict, list)):
+                    stack.append((v, depth + 1, f"{path}.{k}"))
         elif isinstance(node, list):
-            if depth > max_depth:
-                raise ProtocolError(TOO_LARGE, f"{path}: nested deeper than {max_depth}")
-            stack.extend((v, depth + 1, f"{path}[{i}]") for i, v in enumerate(node))
+            for i, v in enumerate(node):
+                if isinstance(v, (dict, list)):
+                    stack.append((v, depth + 1, f"{path}[{i}]"))
 
 
 class Notification(msgspec.Struct, kw_only=True):

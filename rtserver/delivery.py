@@ -43,7 +43,8 @@ class Delivery:
         self._kinds = metrics.deliveries.inc
 
     def reply(self, conn: Connection, frame_id: FrameId | None, event: str, data: Any) -> bool:
-        """An ``ack`` or ``error`` to the frame ``frame_id`` (never held back)."""
+        """An ``ack`` or ``error`` to the frame ``frame_id`` (written even while
+        a replay holds pushes back)."""
         ok = conn.write(frame(event, data, frame_id))
         if ok:
             self._frames(event)

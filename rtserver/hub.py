@@ -260,9 +260,9 @@ class Hub:
         if batch is None:
             batch = self._turn_batch = _Batch()
             asyncio.get_running_loop().call_soon(self._close_turn_batch, batch)
+        self._begin(batch, notification)
         fut: asyncio.Future[SendResult | StoreError] = batch.saved.get_loop().create_future()
         batch.callers.append(fut)
-        self._begin(batch, notification)
         result = await fut
         if isinstance(result, StoreError):
             raise result

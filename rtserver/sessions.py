@@ -77,7 +77,6 @@ class Outbox:
 
     def flush(self) -> None:
         dirty, self._dirty = self._dirty, []
-        self.sends += len(dirty)
         for conn in dirty:
             conn.flush()
 
@@ -191,6 +190,7 @@ class Connection:
         """Send the pending frames now, as one write."""
         pending, self._pending = self._pending, None
         if pending and not self.closed:
+            self._outbox.sends += 1
             self._send(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _send(self, data: bytes) -> bool:

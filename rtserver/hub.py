@@ -122,12 +122,7 @@ class Hub:
             outbound=lambda: sum(c.outbound_buffer() for c in self.sessions),
             outbound_max=lambda: max((c.outbound_buffer() for c in self.sessions), default=0),
             store_buffered=lambda: getattr(self.store, "buffered", 0),
-        )
-        outbox = self.delivery.outbox
-        self.metrics.bind_counter(
-            "rtserver_socket_writes",
-            "Writes to client sockets; one carries several frames when coalesced",
-            lambda: outbox.sends,
+            socket_writes=lambda: self.delivery.outbox.sends,
         )
 
     # -- lifecycle --------------------------------------------------------

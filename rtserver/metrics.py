@@ -105,6 +105,11 @@ class Metrics:
             "Bytes waiting in the fullest outbound queue",
             registry=r,
         )
+        self.socket_writes = _LiveCounter(
+            "rtserver_socket_writes",
+            "Writes to client sockets; one carries several frames when coalesced",
+        )
+        r.register(self.socket_writes)
         self.store_buffered = Gauge(
             "rtserver_store_buffered",
             "Notifications accepted but waiting for an unreachable store",
@@ -121,6 +126,7 @@ class Metrics:
         outbound: Callable[[], float],
         outbound_max: Callable[[], float],
         store_buffered: Callable[[], float],
+        socket_writes: Callable[[], float],
     ) -> None:
         """Gauges read live state when scraped instead of being kept in step."""
         self.connections.set_function(connections)
@@ -130,11 +136,7 @@ class Metrics:
         self.outbound_bytes.set_function(outbound)
         self.outbound_max.set_function(outbound_max)
         self.store_buffered.set_function(store_buffered)
-
-    def bind_counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        """A counter kept as a plain number elsewhere (too hot a path for a
-        Prometheus counter's lock), read when scraped."""
-        self.registry.register(_LiveCounter(name, documentation, read))
+        self.socket_writes.read = socket_writes
 
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)
@@ -183,8 +185,12 @@ class Tally:
 
 
 class _LiveCounter:
-    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        self.name, self.documentation, self.read = name, documentation, read
+    """A counter kept as a plain number elsewhere (too hot a path for a
+    Prometheus counter's lock), read when scraped."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.read: Callable[[], float] = lambda: 0
 
     def collect(self) -> list[CounterMetricFamily]:
         return [CounterMetricFamily(self.name, self.documentation, value=self.read())]

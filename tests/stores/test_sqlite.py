@@ -78,6 +78,7 @@ class TestSQLiteStore(StoreSuite):
         await asyncio.gather(*(store.insert(note("u")) for _ in range(2000)))
         await store.history("u")
         t.cancel()
+        await asyncio.gather(t, return_exceptions=True)  # the ticker ends before the loop does
         assert seen and all(name.startswith("rtserver-sqlite") for name in seen)
         assert ticks > 1
 

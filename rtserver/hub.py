@@ -256,7 +256,7 @@ class Hub:
             batch = self._turn_batch = _Batch()
             asyncio.get_running_loop().call_soon(self._close_turn_batch, batch)
         self._begin(batch, notification)
-        fut: asyncio.Future[SendResult | StoreError] = batch.saved.get_loop().create_future()
+        fut: asyncio.Future[SendResult | StoreError] = asyncio.get_running_loop().create_future()
         batch.callers.append(fut)
         result = await fut
         if isinstance(result, StoreError):
@@ -274,7 +274,11 @@ class Hub:
                 results = await self._finish(batch)
             except BaseException as exc:
                 for fut in batch.callers:
-                    if not fut.done():
+                    if fut.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        fut.cancel()
+                    else:
                         fut.set_exception(exc)
                 raise
             for fut, result in zip(batch.callers, results, strict=True):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tornado.httpserver import HTTPServer
 
-from rtserver.app import make_app, make_metrics_app, ssl_context
+from rtserver.app import make_app, make_metrics_app
 from rtserver.config import Config, ConfigError, load_config
 from rtserver.log import configure_logging, get_logger
 from rtserver.plugins import PluginError
@@ -36,13 +36,7 @@ async def serve(config: Config) -> None:
     app = make_app(config)
     await app.startup()
     srv = config.server
-    server = HTTPServer(
-        app,
-        ssl_options=ssl_context(srv.tls_cert, srv.tls_key),
-        xheaders=srv.xheaders,
-        max_body_size=srv.max_body_bytes,
-        idle_connection_timeout=60,
-    )
+    server = app.make_server()
     server.listen(srv.port, srv.host)
     metrics_server = None
     if srv.metrics_port is not None:

@@ -8,12 +8,11 @@ measurement is of the delivery path, not of an HTTP client.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 import time
 from typing import Any
-
-from tornado.httpserver import HTTPServer
 
 from rtserver.app import make_app
 from rtserver.config import parse_config
@@ -81,7 +80,13 @@ async def main(port: int, data_dir: str, secret: str, redis_url: str | None = No
     config = parse_config(
         {
             **broker,
-            "server": {"port": port, "ping_interval": 0, "max_outbound_bytes": 64 * 1024 * 1024},
+            "server": {
+                "port": port,
+                "ping_interval": 0,
+                "max_outbound_bytes": 64 * 1024 * 1024,
+                "max_body_bytes": 64 * 1024 * 1024,
+                "websocket": os.environ.get("RTBENCH_WEBSOCKET", "rtserver"),
+            },
             "auth": {"secret": secret},
             "store": {"data_dir": data_dir, "cleanup_interval": 0},
             "logging": {"format": "json", "level": "warning", "metrics_interval": 0},
@@ -97,13 +102,12 @@ async def main(port: int, data_dir: str, secret: str, redis_url: str | None = No
     app = make_app(config, plugins=[("bench", BenchPlugin())])
     await app.startup()
     import gc
-    import os
 
     if os.environ.get("RTBENCH_GC") == "off":
         gc.disable()
     elif os.environ.get("RTBENCH_GC"):
         gc.set_threshold(*map(int, os.environ["RTBENCH_GC"].split(",")))
-    server = HTTPServer(app, max_body_size=64 * 1024 * 1024)
+    server = app.make_server()
     server.listen(port, "127.0.0.1", backlog=4096)
     print("ready", flush=True)
     await asyncio.Event().wait()

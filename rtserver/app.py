@@ -2,7 +2,7 @@
 
 app = make_app(config)
 await app.startup()          # open the store, run plugin startup hooks
-server = app.listen(8888)    # or HTTPServer(app).add_sockets(...)
+server = app.make_server()  # then server.listen(8888) or .add_sockets(...)
 ...
 await app.shutdown()         # close sessions (1001), flush, close the store
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import tornado.web
+from tornado.httpserver import HTTPServer
 
 from rtserver.config import Config
 from rtserver.hub import Hub
@@ -27,12 +28,15 @@ from rtserver.stores import Store, make_store
 from rtserver.web import (
     ConnectionHandler,
     Dispatcher,
+    Endpoint,
     HealthHandler,
     MetricsHandler,
     NotFoundHandler,
     ReadyHandler,
     StaticHandler,
+    log_access,
 )
+from rtserver.websocket import Server
 
 CLIENT_JS = (Path(__file__).resolve().parent / "static" / "rtclient.js").resolve()
 
@@ -44,6 +48,22 @@ class Application(tornado.web.Application):
 
     hub: Hub
     plugins: Plugins
+    endpoint: Endpoint
+
+    def make_server(self, **overrides: Any) -> HTTPServer:
+        """The HTTP server for this app as the config describes it (TLS,
+        X-Forwarded-For, body limit), serving ``/ws`` through rtserver's own
+        WebSocket code unless ``server.websocket`` is ``tornado``."""
+        srv = self.hub.config.server
+        options: dict[str, Any] = {
+            "ssl_options": ssl_context(srv.tls_cert, srv.tls_key),
+            "xheaders": srv.xheaders,
+            "max_body_size": srv.max_body_bytes,
+            "idle_connection_timeout": 60,
+            "endpoint": self.endpoint if srv.websocket == "rtserver" else None,
+            **overrides,
+        }
+        return Server(self, **options)
 
     async def startup(self) -> None:
         await self.hub.start()
@@ -93,10 +113,10 @@ def make_app(
     ``plugins`` given here as ``(name, module_or_object)``), routes."""
     hub = Hub(config, store or make_store(config.store))
     loaded = Plugins(config, extra=plugins)
-    dispatcher = Dispatcher(hub, loaded)
+    endpoint = Endpoint(hub, loaded, Dispatcher(hub, loaded))
     base: dict[str, Any] = {"hub": hub}
     handlers: list[Any] = [
-        (r"/ws", ConnectionHandler, {**base, "plugins": loaded, "dispatcher": dispatcher}),
+        (r"/ws", ConnectionHandler, {"endpoint": endpoint}),
         (r"/healthz", HealthHandler, base),
         (r"/readyz", ReadyHandler, base),
         (r"/metrics", MetricsHandler, base),
@@ -119,6 +139,7 @@ def make_app(
     )
     app.hub = hub
     app.plugins = loaded
+    app.endpoint = endpoint
 
     def delivered(user_id: str, ids: list[str], connection: Any) -> None:
         loaded.notify(
@@ -148,20 +169,12 @@ def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return ctx
 
 
-_access = get_logger("tornado.access")
-
-
 def _log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log as structured events (the query string is left out, so a
-    token misplaced in a URL still never reaches the log)."""
-    status = handler.get_status()
     request = handler.request
-    level = "info" if status < 400 else "warning" if status < 500 else "error"
-    getattr(_access, level)(
-        "http.request",
-        method=request.method,
-        path=request.path,
-        status=status,
-        ms=round(1000 * request.request_time(), 2),
-        remote_ip=request.remote_ip,
+    log_access(
+        request.method or "",
+        request.path,
+        handler.get_status(),
+        request.request_time(),
+        request.remote_ip,
     )

@@ -79,6 +79,10 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: and go out as one write (an idle loop turns in microseconds; a busy one
     #: gathers several broadcasts per client). 0 writes every frame at once.
     coalesce_turns: int = 8
+    #: Who speaks WebSocket on plain TCP: "rtserver" (its own RFC 6455 code,
+    #: several times cheaper per accepted connection) or "tornado" (Tornado's
+    #: WebSocketHandler, which always serves TLS and unusual upgrades).
+    websocket: Literal["rtserver", "tornado"] = "rtserver"
 
 
 class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

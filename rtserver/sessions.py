@@ -19,7 +19,11 @@ from tornado.iostream import StreamBufferFullError, StreamClosedError
 from rtserver.config import Role
 
 
-class _Stream(Protocol):
+class Stream(Protocol):
+    """Where a Connection's bytes go: a Tornado ``IOStream``, or
+    ``rtserver.websocket.WebSocket`` itself. ``write`` raises
+    ``StreamBufferFullError`` past ``max_write_buffer_size`` queued bytes."""
+
     max_write_buffer_size: int | None
 
     def write(self, data: bytes) -> Any: ...
@@ -28,9 +32,14 @@ class _Stream(Protocol):
 
 
 class Transport(Protocol):
-    """What a Connection needs from its WebSocket (``web.ConnectionHandler``)."""
+    """What a Connection needs from its WebSocket (``web.ConnectionHandler``
+    or ``websocket.WebSocket``)."""
 
-    def raw_stream(self) -> _Stream | None: ...
+    #: The code and reason of the peer's close frame, once one arrived.
+    close_code: int | None
+    close_reason: str | None
+
+    def outbound_bytes(self) -> int: ...
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
     def send_ping(self) -> None: ...
     def abort(self) -> None: ...
@@ -134,7 +143,7 @@ class Connection:
         self.closed = False
         self.close_reason: str | None = None
         self._transport = transport
-        self._stream: _Stream | None = None
+        self._stream: Stream | None = None
         self._sock: socket.socket | None = None
         self._outbox = outbox
         #: Frames waiting for the outbox to flush (None: nothing waits).
@@ -223,7 +232,7 @@ class Connection:
             return False
         return True
 
-    def attach(self, stream: _Stream | None, sock: socket.socket | None) -> None:
+    def attach(self, stream: Stream | None, sock: socket.socket | None) -> None:
         """The stream to write to and, on plain TCP only, its socket for direct
         writes. Until attached, nothing is written."""
         self._stream = stream
@@ -314,11 +323,13 @@ class Connection:
         self.ping_sent_at = None
 
     def outbound_buffer(self) -> int:
-        """Bytes written but not yet taken by the peer (0 when unknown)."""
-        stream = self._transport.raw_stream()
-        buf = getattr(stream, "_write_buffer", None)
+        """Bytes written but not yet taken by the peer."""
         pending = sum(map(len, self._pending)) if self._pending else 0
-        return pending + (len(buf) if buf is not None else 0)
+        return pending + self._transport.outbound_bytes()
+
+    def peer_close(self) -> tuple[int | None, str | None]:
+        """The code and reason the peer closed with (None, None: it did not)."""
+        return self._transport.close_code, self._transport.close_reason
 
     def info(self) -> dict[str, Any]:
         return {

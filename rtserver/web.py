@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
+import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -44,11 +45,12 @@ from rtserver.protocol import (
     encode_json,
     salvage_id,
 )
-from rtserver.sessions import Connection
+from rtserver.sessions import Connection, Stream, Transport
 from rtserver.stores.base import StoreError
 
 T = TypeVar("T")
 log = get_logger("rtserver")
+_access = get_logger("tornado.access")
 
 _ANY_OBJECT = dict[str, Any]
 
@@ -149,46 +151,146 @@ class Dispatcher:
                 callback()
 
 
-class ConnectionHandler(tornado.websocket.WebSocketHandler):
-    """``/ws``: one instance per WebSocket connection."""
+class Endpoint:
+    """What a WebSocket means to the hub, whichever code speaks the protocol:
+    Tornado's ``WebSocketHandler`` (``ConnectionHandler``) or rtserver's own
+    (``rtserver.websocket``). One per server; the per-connection state is the
+    ``Connection`` and its frame bucket."""
 
-    def initialize(self, hub: Hub, plugins: Plugins, dispatcher: Dispatcher) -> None:
+    def __init__(self, hub: Hub, plugins: Plugins, dispatcher: Dispatcher) -> None:
         self.hub = hub
         self.plugins = plugins
         self.dispatcher = dispatcher
-        self.conn: Connection | None = None
-        self.bucket = hub.limits.frame_bucket()
+        self.allowed_origins = hub.config.server.allowed_origins
 
-    def check_origin(self, origin: str) -> bool:
-        # Tornado 6.6 calls this only for cross-origin browser requests.
-        allowed = origin_allowed(origin, self.hub.config.server.allowed_origins)
+    def refusal(self) -> ProtocolError | None:
+        """Why an upgrade must be refused now (shutting down, a server-wide
+        cap), or None. Takes a token from the new-connections bucket."""
+        try:
+            if self.hub.shutting_down:
+                raise ProtocolError(UNAVAILABLE, "server is shutting down", status=503)
+            self.hub.limits.check_connection(len(self.hub.sessions))
+        except ProtocolError as err:
+            return err
+        return None
+
+    def origin_allowed(self, origin: str) -> bool:
+        """For a cross-origin browser request: is ``origin`` configured?"""
+        allowed = origin_allowed(origin, self.allowed_origins)
         if not allowed:
             log.warning("connection.origin_refused", origin=origin)
         return allowed
+
+    def open(
+        self,
+        transport: Transport,
+        remote_ip: str | None,
+        stream: Stream | None,
+        sock: socket.socket | None,
+    ) -> Connection:
+        """The upgrade is done: a Connection, known to the hub, hooks fired."""
+        hub = self.hub
+        conn = Connection(transport, remote_ip, outbox=hub.delivery.outbox)
+        conn.last_seen = time.monotonic()
+        if stream is not None:
+            stream.max_write_buffer_size = hub.config.server.max_outbound_bytes
+            conn.attach(stream, sock)
+        conn.on_slow = self._on_slow
+        conn.on_gone = self._gone
+        hub.sessions.add(conn)
+        hub.metrics.connections_total.inc()
+        structlog.contextvars.bind_contextvars(session_id=conn.session_id)
+        log.info("connection.opened", remote_ip=conn.remote_ip)
+        self._fire("rtserver_connect", conn)
+        return conn
+
+    def message(
+        self, conn: Connection, bucket: TokenBucket, message: str | bytes
+    ) -> Coroutine[Any, Any, None] | None:
+        """One inbound message; an awaitable when its handler is still running
+        (the next message of this connection waits for it)."""
+        if conn.closed:
+            return None
+        conn.last_seen = time.monotonic()
+        if isinstance(message, bytes):
+            self.dispatcher.error(
+                conn,
+                None,
+                ProtocolError(UNSUPPORTED, "binary frames are not supported; send JSON text"),
+            )
+            return None
+        return self.dispatcher.dispatch(conn, message, bucket)
+
+    def _on_slow(self, conn: Connection) -> None:
+        self.hub.metrics.slow_disconnects.inc()
+        log.warning(
+            "connection.slow_client",
+            user_id=conn.user_id,
+            limit=self.hub.config.server.max_outbound_bytes,
+        )
+
+    def _fire(self, hook: str, conn: Connection) -> None:
+        try:
+            results = self.plugins.notify(hook, hub=self.hub, connection=conn)
+        except Exception:
+            log.exception("hook.failed", hook=hook)
+            return
+        for result in results:
+            if inspect.isawaitable(result):
+                self.hub.spawn(_awaitable(result))
+
+    def _gone(self, conn: Connection) -> None:
+        """Once per connection, when it stops being usable."""
+        self.hub.connection_gone(conn)
+        code, reason = conn.peer_close()
+        log.info(
+            "connection.closed",
+            user_id=conn.user_id,
+            code=code,
+            reason=conn.close_reason or reason,
+            seconds=round(time.time() - conn.connected_at, 3),
+        )
+        self._fire("rtserver_disconnect", conn)
+
+
+class ConnectionHandler(tornado.websocket.WebSocketHandler):
+    """``/ws`` through Tornado's WebSocket code: one instance per connection.
+    Serves TLS connections and whatever ``rtserver.websocket.Server`` passes
+    on (or everything, with ``server.websocket: tornado``)."""
+
+    def initialize(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.conn: Connection | None = None
+        self.bucket = endpoint.hub.limits.frame_bucket()
+
+    def check_origin(self, origin: str) -> bool:
+        # Tornado 6.6 calls this only for cross-origin browser requests.
+        return self.endpoint.origin_allowed(origin)
 
     def get_compression_options(self) -> None:
         return None  # frames are framed once and shared; no per-socket deflate
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Refuse before the upgrade when shutting down or over a server-wide cap."""
-        try:
-            if self.hub.shutting_down:
-                raise ProtocolError(UNAVAILABLE, "server is shutting down", status=503)
-            self.hub.limits.check_connection(len(self.hub.sessions))
-        except ProtocolError as err:
+        err = self.endpoint.refusal()
+        if err is not None:
             self.set_status(err.status)
             if "retry_after" in err.extra:
-                self.set_header("Retry-After", str(max(1, round(err.extra["retry_after"]))))
+                self.set_header("Retry-After", retry_after(err))
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.finish(encode_json({"error": err.as_data()}))
             return
         await super().get(*args, **kwargs)
 
-    def raw_stream(self) -> IOStream | None:
+    def _stream(self) -> IOStream | None:
         ws = self.ws_connection
         if ws is None or ws.is_closing():
             return None
         return getattr(ws, "stream", None)
+
+    def outbound_bytes(self) -> int:
+        buf = getattr(self._stream(), "_write_buffer", None)
+        return len(buf) if buf is not None else 0
 
     def send_ping(self) -> None:
         ws = self.ws_connection
@@ -208,70 +310,39 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
             self.conn.alive(time.monotonic())
 
     def open(self, *args: str, **kwargs: str) -> None:
-        conn = self.conn = Connection(self, self.request.remote_ip, outbox=self.hub.delivery.outbox)
-        conn.last_seen = time.monotonic()
-        stream = self.raw_stream()
-        if stream is not None:
-            stream.max_write_buffer_size = self.hub.config.server.max_outbound_bytes
-            # Direct socket writes only on plain TCP: TLS bytes must go through SSL.
-            sock = None if isinstance(stream, SSLIOStream) else stream.socket
-            conn.attach(stream, sock)
-        conn.on_slow = self._on_slow
-        conn.on_gone = self._gone
+        stream = self._stream()
+        # Direct socket writes only on plain TCP: TLS bytes must go through SSL.
+        sock = None if stream is None or isinstance(stream, SSLIOStream) else stream.socket
         self.set_nodelay(True)
-        self.hub.sessions.add(conn)
-        self.hub.metrics.connections_total.inc()
-        structlog.contextvars.bind_contextvars(session_id=conn.session_id)
-        log.info("connection.opened", remote_ip=conn.remote_ip)
-        self._fire("rtserver_connect")
-
-    def _on_slow(self, conn: Connection) -> None:
-        self.hub.metrics.slow_disconnects.inc()
-        log.warning(
-            "connection.slow_client",
-            user_id=conn.user_id,
-            limit=self.hub.config.server.max_outbound_bytes,
-        )
-
-    def _fire(self, hook: str) -> None:
-        try:
-            results = self.plugins.notify(hook, hub=self.hub, connection=self.conn)
-        except Exception:
-            log.exception("hook.failed", hook=hook)
-            return
-        for result in results:
-            if inspect.isawaitable(result):
-                self.hub.spawn(_awaitable(result))
+        self.conn = self.endpoint.open(self, self.request.remote_ip, stream, sock)
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
-        conn = self.conn
-        if conn is None or conn.closed:
+        if self.conn is None:
             return None
-        conn.last_seen = time.monotonic()
-        if isinstance(message, bytes):
-            self.dispatcher.error(
-                conn,
-                None,
-                ProtocolError(UNSUPPORTED, "binary frames are not supported; send JSON text"),
-            )
-            return None
-        return self.dispatcher.dispatch(conn, message, self.bucket)
+        return self.endpoint.message(self.conn, self.bucket, message)
 
     def on_close(self) -> None:
         if self.conn is not None:
             self.conn.gone()
 
-    def _gone(self, conn: Connection) -> None:
-        """Once per connection, when it stops being usable."""
-        self.hub.connection_gone(conn)
-        log.info(
-            "connection.closed",
-            user_id=conn.user_id,
-            code=self.close_code,
-            reason=conn.close_reason or self.close_reason,
-            seconds=round(time.time() - conn.connected_at, 3),
-        )
-        self._fire("rtserver_disconnect")
+
+def retry_after(err: ProtocolError) -> str:
+    """The Retry-After header for a refusal that carries ``retry_after``."""
+    return str(max(1, round(err.extra["retry_after"])))
+
+
+def log_access(method: str, path: str, status: int, seconds: float, remote_ip: str | None) -> None:
+    """One HTTP request as a structured event (the query string is left out, so
+    a token misplaced in a URL still never reaches the log)."""
+    level = "info" if status < 400 else "warning" if status < 500 else "error"
+    getattr(_access, level)(
+        "http.request",
+        method=method,
+        path=path,
+        status=status,
+        ms=round(1000 * seconds, 2),
+        remote_ip=remote_ip,
+    )
 
 
 async def _awaitable(result: Awaitable[Any]) -> None:

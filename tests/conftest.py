@@ -149,7 +149,7 @@ async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
         await app.startup()
         sockets = bind_sockets(0, "127.0.0.1")
         port = sockets[0].getsockname()[1]
-        server = HTTPServer(app, max_body_size=cfg.server.max_body_bytes)
+        server = app.make_server()
         server.add_sockets(sockets)
         running = Running(app, server, port)
         started.append(running)

@@ -1,0 +1,487 @@
+"""rtserver's own WebSocket server side (RFC 6455), for plain TCP.
+
+Tornado's ``WebSocketHandler`` runs a whole HTTP request cycle per upgrade
+(``HTTP1Connection``, routing, a ``RequestHandler``, a Future per frame
+read): most of what accepting a connection costs. ``Server`` is Tornado's
+``HTTPServer`` with one change: it peeks at the first bytes of each plain-TCP
+connection without consuming them. A complete, well-formed upgrade to ``/ws``
+is answered here and the socket becomes an asyncio transport driven by
+``WebSocket``; everything else (the HTTP API, TLS, an upgrade that is
+malformed, cross-origin or arrives in pieces) goes to Tornado unchanged, which
+serves ``/ws`` through ``web.ConnectionHandler``. Both end in the same
+``web.Endpoint``, so clients see the same protocol byte for byte.
+
+What ``WebSocket`` implements: masked client frames, fragmented messages,
+ping/pong, the closing handshake (a close it starts waits ``CLOSE_TIMEOUT``
+for the peer's answer), UTF-8 checks on text (1007), a size limit (1009),
+protocol errors (1002), one message handled at a time per connection (the next
+waits for the previous handler, as with Tornado), and a bounded write buffer
+(``max_write_buffer_size``, enforced like Tornado's ``IOStream``). No
+extensions (rtserver frames each message once for every client; per-socket
+deflate would undo that) and no subprotocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import hashlib
+import socket
+import time
+from http.client import responses
+from typing import Any
+
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, SSLIOStream, StreamBufferFullError, StreamClosedError
+from tornado.netutil import is_valid_ip
+
+from rtserver.log import get_logger
+from rtserver.protocol import ProtocolError, encode_json
+from rtserver.sessions import Connection
+from rtserver.web import Endpoint, log_access, origin_allowed, retry_after
+
+log = get_logger("rtserver")
+
+#: Seconds a close we started waits for the peer's close frame.
+CLOSE_TIMEOUT = 5.0
+#: Seconds a new connection may take to send its first bytes before it is
+#: handed to Tornado (whose ``idle_connection_timeout`` then applies).
+FIRST_BYTES_TIMEOUT = 10.0
+#: The most of an upgrade request looked at; a longer one goes to Tornado.
+MAX_HEAD = 8192
+#: Inbound bytes held while a message's handler runs before reading pauses.
+MAX_BUFFERED = 256 * 1024
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_PING = b"\x89\x00"
+
+
+def accept_key(key: str) -> bytes:
+    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key.encode("latin-1") + _GUID).digest())
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    """One unmasked, final server frame."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def unmask(data: bytes | bytearray, mask: bytes) -> bytes:
+    """XOR ``data`` with the repeated 4-byte ``mask`` (one big-integer XOR)."""
+    n = len(data)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def close_payload(code: int | None, reason: str | None) -> bytes:
+    if code is None:
+        return b""
+    data = (reason or "").encode()
+    if len(data) > 123:  # a control frame carries at most 125 bytes
+        data = data[:123].decode("utf-8", "ignore").encode()
+    return code.to_bytes(2, "big") + data
+
+
+def _valid_close_code(code: int) -> bool:
+    """Codes a peer may send (RFC 6455 7.4)."""
+    return (1000 <= code <= 1014 and code not in (1004, 1005, 1006)) or 3000 <= code <= 4999
+
+
+class Upgrade:
+    """A complete WebSocket upgrade request, parsed from peeked bytes."""
+
+    __slots__ = ("headers", "size", "target")
+
+    def __init__(self, target: str, headers: dict[str, str], size: int) -> None:
+        self.target = target
+        self.headers = headers
+        self.size = size
+
+    @classmethod
+    def parse(cls, data: bytes, path: str) -> Upgrade | None:
+        """A ``GET path`` upgrade to WebSocket version 13 with a key and no
+        body, else None (Tornado will handle the request, whatever it is)."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        lines = data[:end].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or parts[0] != "GET" or parts[2] != "HTTP/1.1":
+            return None
+        if parts[1].partition("?")[0] != path:
+            return None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            name = name.lower()
+            # Folded, repeated or odd headers: let Tornado's parser decide.
+            if not colon or not name or name != name.strip() or name in headers:
+                return None
+            headers[name] = value.strip()
+        connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+        if (
+            headers.get("upgrade", "").lower() != "websocket"
+            or "upgrade" not in connection
+            or headers.get("sec-websocket-version") != "13"
+            or not headers.get("sec-websocket-key")
+            or "transfer-encoding" in headers
+            or headers.get("content-length", "0") != "0"
+        ):
+            return None
+        return cls(parts[1], headers, end + 4)
+
+    def same_origin_or_allowed(self, endpoint: Endpoint) -> bool:
+        """Tornado 6.6's cross-origin check for WebSockets, with the
+        configured origins; a refusal is left to Tornado to answer (403) and log."""
+        headers = self.headers
+        site = headers.get("sec-fetch-site")
+        origin = headers.get("origin")
+        if site in ("same-origin", "none"):
+            return True
+        if origin is None:
+            return site is None  # no Origin and no Sec-Fetch-Site: not a browser
+        if (
+            site is None
+            and origin.partition("://")[2].partition("/")[0].lower()
+            == headers.get("host", "").lower()
+        ):
+            return True
+        return origin_allowed(origin, endpoint.allowed_origins)
+
+    def remote_ip(self, peer: str, xheaders: bool) -> str:
+        """As Tornado's ``HTTPServerRequest.remote_ip``: the peer, or with
+        ``xheaders`` the proxy's X-Real-Ip / last X-Forwarded-For hop."""
+        if not xheaders:
+            return peer
+        ip = self.headers.get("x-forwarded-for", peer).split(",")[-1].strip()
+        ip = self.headers.get("x-real-ip", ip)
+        return ip if is_valid_ip(ip) else peer
+
+
+class Server(HTTPServer):
+    """Tornado's ``HTTPServer`` that answers plain-TCP upgrades to ``/ws``
+    itself (see the module docstring). ``endpoint=None`` turns that off."""
+
+    def initialize(
+        self,
+        request_callback: Any,
+        *args: Any,
+        endpoint: Endpoint | None = None,
+        path: str = "/ws",
+        **kwargs: Any,
+    ) -> None:
+        super().initialize(request_callback, *args, **kwargs)
+        self.endpoint = endpoint
+        self.path = path
+
+    def handle_stream(self, stream: IOStream, address: Any) -> None:
+        if self.endpoint is None or isinstance(stream, SSLIOStream):
+            super().handle_stream(stream, address)
+            return
+        io_loop = IOLoop.current()
+        fd = stream.socket.fileno()
+
+        def first_bytes(fd: int, events: int) -> None:
+            io_loop.remove_handler(fd)
+            timer.cancel()
+            self._first_bytes(stream, address)
+
+        def silent() -> None:
+            io_loop.remove_handler(fd)
+            super(Server, self).handle_stream(stream, address)
+
+        io_loop.add_handler(fd, first_bytes, IOLoop.READ)
+        timer = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT, silent)
+
+    def _first_bytes(self, stream: IOStream, address: Any) -> None:
+        sock = stream.socket
+        try:
+            head = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+        except BlockingIOError:
+            head = b"-"  # a spurious wake-up: Tornado waits for the request
+        except OSError:
+            stream.close()
+            return
+        if not head:
+            stream.close()  # closed before saying anything
+            return
+        assert self.endpoint is not None
+        upgrade = Upgrade.parse(head, self.path)
+        if upgrade is None or not upgrade.same_origin_or_allowed(self.endpoint):
+            super().handle_stream(stream, address)
+            return
+        sock.recv(upgrade.size)  # the head: what follows is WebSocket frames
+        peer = address[0] if sock.family in (socket.AF_INET, socket.AF_INET6) else "0.0.0.0"
+        remote_ip = upgrade.remote_ip(peer, self.xheaders)
+        err = self.endpoint.refusal()
+        if err is not None:
+            self._refuse(stream, err, remote_ip)
+            return
+        key = accept_key(upgrade.headers["sec-websocket-key"])
+        ws = WebSocket(self.endpoint, remote_ip, key, self.path)
+        asyncio.get_running_loop().create_task(self._connect(sock, ws))
+
+    async def _connect(self, sock: socket.socket, ws: WebSocket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: ws, sock)
+        except OSError:
+            sock.close()
+
+    def _refuse(self, stream: IOStream, err: ProtocolError, remote_ip: str) -> None:
+        body = encode_json({"error": err.as_data()})
+        head = [
+            f"HTTP/1.1 {err.status} {responses.get(err.status, 'Error')}",
+            "Content-Type: application/json; charset=utf-8",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        if "retry_after" in err.extra:
+            head.append(f"Retry-After: {retry_after(err)}")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        stream.write(data).add_done_callback(lambda _: stream.close())
+        log_access("GET", self.path, err.status, 0.0, remote_ip)
+
+
+class WebSocket(asyncio.Protocol):
+    """One upgraded connection: frames in, the endpoint's Connection out.
+
+    It is the Connection's ``Transport`` (close, ping, abort) and its
+    ``Stream`` (write, with the slow-client bound)."""
+
+    def __init__(self, endpoint: Endpoint, remote_ip: str, key: bytes, path: str) -> None:
+        self.endpoint = endpoint
+        self.remote_ip = remote_ip
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.max_write_buffer_size: int | None = None
+        self.conn: Connection | None = None
+        self._key = key
+        self._path = path
+        self._started = time.perf_counter()
+        self._max = endpoint.hub.config.server.max_frame_bytes
+        self._bucket = endpoint.hub.limits.frame_bucket()
+        self._transport: asyncio.Transport | None = None
+        self._ctx = contextvars.copy_context()  # this connection's log context
+        self._buf = bytearray()
+        self._parts: list[bytes] | None = None  # a fragmented message so far
+        self._parts_opcode = 0
+        self._parts_size = 0
+        self._busy = False  # a message's handler is running
+        self._paused = False
+        self._closing = False  # a close frame was sent or received
+        self._failed = False  # a protocol error: the rest of the input is ignored
+        self._lost = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + self._key + b"\r\n\r\n"
+        )
+        self._ctx.run(self._open)
+
+    def _open(self) -> None:
+        log_access("GET", self._path, 101, time.perf_counter() - self._started, self.remote_ip)
+        self.conn = self.endpoint.open(self, self.remote_ip, self, None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._failed:
+            return
+        self._buf += data
+        if self._busy:
+            if len(self._buf) > MAX_BUFFERED and not self._paused:
+                self._paused = True
+                self._transport.pause_reading()  # type: ignore[union-attr]
+            return
+        self._read()
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.conn is not None:
+            self._ctx.run(self.conn.gone)
+
+    # -- inbound ------------------------------------------------------------
+
+    def _read(self) -> None:
+        """Handle every complete frame in the buffer, stopping while a
+        message's handler runs."""
+        buf = self._buf
+        pos = 0
+        size = len(buf)
+        while not self._busy and not self._failed and size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            opcode = b0 & 0x0F
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if not b1 & 0x80:
+                self._fail(1002, "client frames must be masked")
+                break
+            if b0 & 0x70:
+                self._fail(1002, "no extension was negotiated")
+                break
+            if opcode >= 8:
+                if not b0 & 0x80 or length > 125:
+                    self._fail(1002, "control frames are final and at most 125 bytes")
+                    break
+            elif length + self._parts_size > self._max:
+                self._fail(1009, "message too big")
+                break
+            start = pos + head + 4
+            if size < start + length:
+                break
+            payload = unmask(buf[start : start + length], bytes(buf[start - 4 : start]))
+            pos = start + length
+            self._frame(bool(b0 & 0x80), opcode, payload)
+        del buf[:pos]
+
+    def _frame(self, fin: bool, opcode: int, payload: bytes) -> None:
+        if opcode == 0x1 or opcode == 0x2:
+            if self._parts is not None:
+                self._fail(1002, "a new message inside a fragmented one")
+            elif fin:
+                self._message(opcode, payload)
+            else:
+                self._parts, self._parts_opcode, self._parts_size = [payload], opcode, len(payload)
+        elif opcode == 0x0:
+            if self._parts is None:
+                self._fail(1002, "a continuation frame without a message")
+                return
+            self._parts.append(payload)
+            self._parts_size += len(payload)
+            if fin:
+                data = b"".join(self._parts)
+                self._parts, self._parts_size = None, 0
+                self._message(self._parts_opcode, data)
+        elif opcode == 0x8:
+            self._peer_closed(payload)
+        elif opcode == 0x9:
+            if not self._closing:
+                self._transport.write(frame(0xA, payload))  # type: ignore[union-attr]
+        elif opcode == 0xA:
+            if self.conn is not None:
+                self.conn.alive(time.monotonic())
+        else:
+            self._fail(1002, f"unknown opcode {opcode}")
+
+    def _message(self, opcode: int, data: bytes) -> None:
+        if self._closing or self.conn is None:
+            return  # after a close, data frames are dropped
+        message: str | bytes = data
+        if opcode == 0x1:
+            try:
+                message = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(1007, "text frames must be UTF-8")
+                return
+        pending = self.endpoint.message(self.conn, self._bucket, message)
+        if pending is not None:
+            self._busy = True
+            task = asyncio.get_running_loop().create_task(pending, context=self._ctx)
+            task.add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            task.exception()  # the dispatcher logs its own failures
+        self._busy = False
+        if self._lost:
+            return
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()  # type: ignore[union-attr]
+        self._read()
+
+    def _peer_closed(self, payload: bytes) -> None:
+        code: int | None = None
+        if len(payload) >= 2:
+            code = int.from_bytes(payload[:2], "big")
+            self.close_reason = payload[2:].decode("utf-8", "replace")
+        self.close_code = code
+        if len(payload) == 1 or (code is not None and not _valid_close_code(code)):
+            self._fail(1002, "invalid close frame")
+            return
+        if not self._closing:  # answer with the same code
+            self._closing = True
+            self._transport.write(frame(0x8, close_payload(code, None)))  # type: ignore[union-attr]
+        self._transport.close()  # type: ignore[union-attr]
+
+    def _fail(self, code: int, reason: str) -> None:
+        """A protocol error: say why in a close frame and drop the connection."""
+        self._failed = True
+        self._buf.clear()
+        if not self._closing:
+            self._closing = True
+            self._transport.write(frame(0x8, close_payload(code, reason)))  # type: ignore[union-attr]
+        if self.conn is not None:
+            self.conn.close_reason = self.conn.close_reason or reason
+        self._transport.close()  # type: ignore[union-attr]
+
+    # -- Transport (for Connection) ----------------------------------------
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Start the closing handshake; the peer has ``CLOSE_TIMEOUT`` to answer."""
+        if self._closing:
+            return
+        self._closing = True
+        self._transport.write(frame(0x8, close_payload(code, reason)))  # type: ignore[union-attr]
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
+
+    def abort(self) -> None:
+        self._closing = True
+        self._transport.abort()  # type: ignore[union-attr]
+
+    def send_ping(self) -> None:
+        if not self._closing:
+            self._transport.write(_PING)  # type: ignore[union-attr]
+
+    def outbound_bytes(self) -> int:
+        return self._transport.get_write_buffer_size() if self._transport else 0
+
+    # -- Stream (for Connection) --------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            raise StreamClosedError()
+        transport = self._transport
+        assert transport is not None
+        limit = self.max_write_buffer_size
+        if limit is not None:
+            queued = transport.get_write_buffer_size()
+            if queued and queued + len(data) > limit:
+                raise StreamBufferFullError("outbound queue full")
+        transport.write(data)
+
+    def closed(self) -> bool:
+        return self._closing
+
+    def writing(self) -> bool:
+        return bool(self._transport and self._transport.get_write_buffer_size())

@@ -223,3 +223,90 @@ def test_verified_token_cache_never_outlives_the_token() -> None:
     forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
     with pytest.raises(ProtocolError):
         auth.verify(forged)
+
+
+def _sign(header: dict[str, Any], payload: dict[str, Any], secret: str = SECRET) -> str:
+    import hashlib
+    import hmac
+
+    signing = f"{b64(header)}.{b64(payload)}"
+    mac = hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest()
+    return f"{signing}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+class TestPlainHS256:
+    """``Authenticator._plain_hs256`` checks common HS256 tokens without PyJWT;
+    it must never accept a token PyJWT refuses, and must agree on the claims
+    of the ones both accept (anything unusual is left to PyJWT)."""
+
+    def tokens(self) -> dict[str, str]:
+        now = int(time.time())
+        hs = {"alg": "HS256", "typ": "JWT"}
+        good = _sign(hs, claims())
+        head, body, sig = good.split(".")
+        return {
+            "good": good,
+            "good_with_kid_nbf_iat_jti": _sign(
+                {**hs, "kid": "k1"}, claims(nbf=now - 10, iat=now - 10, jti="abc")
+            ),
+            "pyjwt_minted": jwt.encode(claims(), SECRET, algorithm="HS256"),
+            "other_secret": _sign(hs, claims(), secret="another-secret-0123456789-0123456789"),
+            "tampered_payload": f"{head}.{b64(claims(sub='mallory'))}.{sig}",
+            "non_canonical_signature": f"{head}.{body}.{sig}=",
+            "alg_none": f"{b64({'alg': 'none'})}.{body}.",
+            "alg_hs512": _sign({"alg": "HS512"}, claims()),
+            "crit_header": _sign({**hs, "crit": ["exp"]}, claims()),
+            "expired": _sign(hs, claims(exp=now - 60)),
+            "expired_within_leeway": _sign(hs, claims(exp=now - 2)),
+            "float_exp": _sign(hs, claims(exp=now + 600.5)),
+            "string_exp": _sign(hs, claims(exp=str(now + 600))),
+            "bool_exp": _sign(hs, {**claims(), "exp": True}),
+            "no_exp": _sign(hs, {"sub": "alice"}),
+            "no_sub": _sign(hs, {"exp": now + 600}),
+            "int_sub": _sign(hs, claims(sub=7)),  # type: ignore[arg-type]
+            "nbf_future": _sign(hs, claims(nbf=now + 600)),
+            "iat_future": _sign(hs, claims(iat=now + 600)),
+            "iat_string": _sign(hs, claims(iat="yesterday")),
+            "jti_number": _sign(hs, claims(jti=5)),
+            "payload_list": _sign(hs, [1, 2]),  # type: ignore[arg-type]
+            "header_list": _sign([1], claims()),  # type: ignore[arg-type]
+            "two_segments": f"{head}.{body}",
+            "four_segments": f"{good}.x",
+            "not_base64": f"{head}.!!!.{sig}",
+            "non_ascii": f"{head}.{body}é.{sig}",
+        }
+
+    def pyjwt(self, auth: Authenticator, token: str) -> dict[str, Any] | None:
+        try:
+            return auth._decode(token)
+        except ProtocolError:
+            return None
+
+    @pytest.mark.parametrize("issuer", [None, "rtserver-tests"])
+    def test_never_accepts_what_pyjwt_refuses(self, issuer: str | None) -> None:
+        auth = Authenticator(AuthConfig(secret=SECRET, issuer=issuer))
+        fast_accepted = 0
+        for name, token in self.tokens().items():
+            if issuer is not None and token.count(".") == 2 and name.startswith("good"):
+                token = _sign({"alg": "HS256"}, claims(iss=issuer))
+            fast, slow = auth._plain_hs256(token), self.pyjwt(auth, token)
+            if fast is not None:
+                fast_accepted += 1
+                assert fast == slow, name
+        assert fast_accepted >= 2  # the plain tokens do take the fast path
+
+    def test_refusals_keep_pyjwts_reasons(self) -> None:
+        auth = Authenticator(AuthConfig(secret=SECRET))
+        tokens = self.tokens()
+        for name, message in [
+            ("expired", "token has expired"),
+            ("nbf_future", "token is not valid yet"),
+            ("other_secret", "token signature is invalid"),
+            ("alg_none", "token algorithm is not accepted"),
+            ("no_exp", "token lacks the exp claim"),
+        ]:
+            with pytest.raises(ProtocolError) as err:
+                auth.verify(tokens[name])
+            assert err.value.message == message, name
+        assert auth.verify(tokens["good"]).sub == "alice"
+        assert auth.verify(tokens["expired_within_leeway"]).sub == "alice"

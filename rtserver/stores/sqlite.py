@@ -93,21 +93,62 @@ class SQLiteStore(Store):
         # caller awaits; a group is always written in one transaction.
         self._pending: list[tuple[list[tuple[Any, ...]], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        # Calls waiting for this loop turn's hand-off to the thread (``_run``).
+        self._calls: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
 
     # -- plumbing ---------------------------------------------------------
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            if self._db is None:
-                raise StoreError("sqlite store is not open")
-            try:
-                return fn(self._db)
-            except sqlite3.Error as err:
-                if self._db.in_transaction:
-                    self._db.rollback()
-                raise StoreError(f"sqlite: {err}") from err
+        """Run ``fn(db)`` on the store's thread. The calls made in one loop
+        turn go over together, in order, as one hand-off to the thread: under
+        a reconnect storm each register's reads would otherwise pay the
+        executor's Futures and wake-ups on their own."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if not self._calls:
+            loop.call_soon(self._submit)
+        self._calls.append((fn, future))
+        return await future
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+    def _submit(self) -> None:
+        calls, self._calls = self._calls, []
+        try:
+            done = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._call_all, [fn for fn, _ in calls]
+            )
+        except RuntimeError as err:  # the executor is shut down
+            done = asyncio.get_running_loop().create_future()
+            done.set_exception(StoreError(f"sqlite: {err}"))
+        done.add_done_callback(lambda d: self._settle(calls, d))
+
+    def _call_all(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """On the store's thread: each call's result, or the error it raised."""
+        results: list[tuple[bool, Any]] = []
+        for fn in fns:
+            db = self._db
+            try:
+                if db is None:
+                    raise StoreError("sqlite store is not open")
+                results.append((True, fn(db)))
+            except sqlite3.Error as err:
+                if db is not None and db.in_transaction:
+                    db.rollback()
+                results.append((False, StoreError(f"sqlite: {err}")))
+            except Exception as err:
+                results.append((False, err))
+        return results
+
+    @staticmethod
+    def _settle(calls: list[tuple[Any, asyncio.Future[Any]]], done: asyncio.Future[Any]) -> None:
+        error = StoreError("sqlite: cancelled") if done.cancelled() else done.exception()
+        outcomes = done.result() if error is None else [(False, error)] * len(calls)
+        for (_, future), (ok, value) in zip(calls, outcomes, strict=True):
+            if future.cancelled():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

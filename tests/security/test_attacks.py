@@ -15,11 +15,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from tornado.httpclient import HTTPClientError, HTTPRequest
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.websocket import websocket_connect
 
-from rtserver.app import make_app, ssl_context
+from rtserver.app import make_app
 from rtserver.client import Client, ClientError
 
 from ..conftest import Running, StartServer, make_config
@@ -374,7 +373,7 @@ async def test_tls_serves_wss_and_https(tmp_path: Path) -> None:
     await app.startup()
     sockets = bind_sockets(0, "127.0.0.1")
     port = sockets[0].getsockname()[1]
-    server = HTTPServer(app, ssl_options=ssl_context(cert, key))
+    server = app.make_server()  # TLS: /ws through Tornado's WebSocketHandler
     server.add_sockets(sockets)
     client_ctx = ssl.create_default_context(cafile=cert)
     try:

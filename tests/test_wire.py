@@ -1,0 +1,263 @@
+"""rtserver's own WebSocket code (``rtserver.websocket``) at the byte level:
+a real server on a loopback port and a raw socket speaking RFC 6455, so that
+what a library client would smooth over (fragments, control frames, bad
+frames, the closing handshake) is seen as sent. Which implementation answered
+shows in the 101: Tornado's carries a ``Server`` header, rtserver's does not."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from rtserver.client import ClientError
+from rtserver.websocket import accept_key, unmask
+
+from .conftest import Running, StartServer
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+class Raw:
+    """A WebSocket client on a bare socket."""
+
+    opened: list[Raw] = []
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.response = b""
+        Raw.opened.append(self)
+
+    @classmethod
+    async def open(cls, port: int, *, pieces: int = 1, headers: str = "") -> Raw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        raw = cls(reader, writer)
+        head = (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
+        ).encode()
+        step = len(head) // pieces + 1
+        for i in range(0, len(head), step):
+            writer.write(head[i : i + step])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        raw.response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        return raw
+
+    def send(self, opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> None:
+        mask = os.urandom(4) if masked else b""
+        n = len(payload)
+        length = bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big")
+        first = bytes([(0x80 if fin else 0) | opcode])
+        second = bytes([(0x80 if masked else 0) | length[0]]) + length[1:]
+        self.writer.write(first + second + mask + (unmask(payload, mask) if masked else payload))
+
+    def text(self, obj: Any) -> None:
+        self.send(0x1, json.dumps(obj).encode())
+
+    async def frame(self) -> tuple[int, bytes]:
+        b0, b1 = await asyncio.wait_for(self.reader.readexactly(2), 5)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await self.reader.readexactly(8), "big")
+        assert not b1 & 0x80, "server frames are never masked"
+        return b0 & 0x0F, await self.reader.readexactly(n)
+
+    async def json(self) -> dict[str, Any]:
+        opcode, payload = await self.frame()
+        assert opcode == 0x1, (opcode, payload)
+        return json.loads(payload)  # type: ignore[no-any-return]
+
+    async def closed_with(self) -> tuple[int, str]:
+        """The server's close frame, then the end of the connection."""
+        opcode, payload = await self.frame()
+        assert opcode == 0x8, (opcode, payload)
+        assert await asyncio.wait_for(self.reader.read(), 5) == b""  # the server closed TCP
+        return int.from_bytes(payload[:2], "big"), payload[2:].decode()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture(autouse=True)
+async def close_raw_clients() -> AsyncIterator[None]:
+    yield
+    while Raw.opened:
+        raw = Raw.opened.pop()
+        raw.close()
+        with contextlib.suppress(OSError):
+            await raw.writer.wait_closed()
+
+
+@pytest.fixture
+async def raw(server: Running) -> Raw:
+    return await Raw.open(server.port)
+
+
+def served_by_rtserver(raw: Raw) -> bool:
+    return b"\r\nserver:" not in raw.response.lower()
+
+
+async def test_handshake_answer(raw: Raw) -> None:
+    """101 with the RFC 6455 accept value for the key (RFC 6455 1.3's example)."""
+    assert raw.response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in raw.response
+    assert accept_key(KEY) == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert served_by_rtserver(raw)
+
+
+async def test_fragmented_message_with_a_ping_between(server: Running, raw: Raw) -> None:
+    """A message in three fragments with a ping among them: the pong comes
+    first, then the reply to the whole message."""
+    token = server.token("frag")
+    text = json.dumps({"event": "register", "id": 7, "data": {"token": token}}).encode()
+    raw.send(0x1, text[:10], fin=False)
+    raw.send(0x0, text[10:20], fin=False)
+    raw.send(0x9, b"are you there")
+    raw.send(0x0, text[20:])
+    assert await raw.frame() == (0xA, b"are you there")
+    ack = await raw.json()
+    assert ack["event"] == "ack" and ack["id"] == 7 and ack["data"]["user_id"] == "frag"
+    await server.hub.send_notification("frag", {"message": "over raw frames"})
+    note = await raw.json()
+    assert note["event"] == "notification" and note["data"]["message"] == "over raw frames"
+
+
+async def test_messages_are_handled_in_order(server: Running, raw: Raw) -> None:
+    """Frames sent back to back are answered in order, each after the previous
+    handler finished (register awaits the store; the next frame waits)."""
+    raw.text({"event": "register", "id": 1, "data": {"token": server.token("order")}})
+    for i in range(2, 6):
+        raw.text({"event": "get_notifications", "id": i, "data": {}})
+    ids = [(await raw.json())["id"] for _ in range(5)]
+    assert ids == [1, 2, 3, 4, 5]
+
+
+async def test_client_close_is_answered(server: Running) -> None:
+    """The client's close (1000) is echoed and the server closes the socket;
+    the session is gone and the log, in the connection's context, says the
+    client closed with 1000."""
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        raw = await Raw.open(server.port)
+        raw.text({"event": "register", "id": 1, "data": {"token": server.token("bye")}})
+        await raw.json()
+        raw.send(0x8, (1000).to_bytes(2, "big") + b"done")
+        assert await raw.closed_with() == (1000, "")
+        for _ in range(100):
+            if any(e["event"] == "connection.closed" for e in logs):
+                break
+            await asyncio.sleep(0.01)
+    assert server.hub.get_user_sessions("bye") == []
+    by_event = {e["event"]: e for e in logs}
+    closed = by_event["connection.closed"]
+    assert closed["code"] == 1000 and closed["reason"] == "done" and closed["user_id"] == "bye"
+    assert closed["session_id"] == by_event["connection.opened"]["session_id"]
+
+
+@pytest.mark.parametrize(
+    ("send", "code"),
+    [
+        (lambda raw: raw.send(0x1, b'{"event":"x"}', masked=False), 1002),
+        (lambda raw: raw.send(0x1, b'"\xff\xfe"'), 1007),
+        (lambda raw: raw.send(0x3, b"reserved opcode"), 1002),
+        (lambda raw: raw.send(0x0, b"continuation of nothing"), 1002),
+        (lambda raw: raw.send(0x9, b"x", fin=False), 1002),
+        (lambda raw: raw.send(0x8, b"\x03"), 1002),
+    ],
+    ids=[
+        "unmasked",
+        "bad-utf8",
+        "reserved-opcode",
+        "stray-continuation",
+        "fragmented-ping",
+        "one-byte-close",
+    ],
+)
+async def test_protocol_errors_close_with_a_code(
+    server: Running, raw: Raw, send: Any, code: int
+) -> None:
+    """A frame that breaks RFC 6455 closes that connection with the code that
+    says why; other clients never notice."""
+    bystander = await server.user("bystander")
+    send(raw)
+    assert (await raw.closed_with())[0] == code
+    await server.hub.send_notification("bystander", {"message": "still here"})
+    assert (await bystander.next("notification"))["message"] == "still here"
+
+
+async def test_server_close_waits_for_the_answer(server: Running, raw: Raw) -> None:
+    """An admin disconnect sends close 1008; the server closes TCP once the
+    client answers."""
+    raw.text({"event": "register", "id": 1, "data": {"token": server.token("kicked")}})
+    await raw.json()
+    (conn,) = server.hub.sessions.of_user("kicked")
+    conn.close(1008, "disconnected by an administrator")
+    opcode, payload = await raw.frame()
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1008
+    assert payload[2:] == b"disconnected by an administrator"
+    raw.send(0x8, payload[:2])
+    assert await asyncio.wait_for(raw.reader.read(), 5) == b""
+
+
+async def test_upgrade_in_pieces_goes_to_tornado(server: Running) -> None:
+    """A request head that does not arrive in one piece is served by Tornado's
+    WebSocketHandler: the same protocol, a little slower."""
+    raw = await Raw.open(server.port, pieces=3)
+    assert raw.response.startswith(b"HTTP/1.1 101") and not served_by_rtserver(raw)
+    raw.text({"event": "register", "id": 1, "data": {"token": server.token("slowpoke")}})
+    assert (await raw.json())["data"]["user_id"] == "slowpoke"
+
+
+async def test_cross_origin_refusal_is_tornados(start_server: StartServer) -> None:
+    """A browser from an origin not configured gets Tornado's 403; a configured
+    one (and the same origin) is upgraded by rtserver."""
+    server = await start_server(server={"allowed_origins": ["https://app.example.com"]})
+    evil = await Raw.open(server.port, headers="Origin: https://evil.example.net\r\n")
+    assert evil.response.startswith(b"HTTP/1.1 403")
+    ok = await Raw.open(server.port, headers="Origin: https://app.example.com\r\n")
+    same = await Raw.open(server.port, headers=f"Origin: http://127.0.0.1:{server.port}\r\n")
+    assert served_by_rtserver(ok) and served_by_rtserver(same)
+
+
+async def test_refused_while_shutting_down(server: Running) -> None:
+    """During shutdown an upgrade is refused with 503 and a JSON error."""
+    server.hub.shutting_down = True
+    raw = await Raw.open(server.port)
+    server.hub.shutting_down = False
+    head = raw.response
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable")
+    assert b"Content-Type: application/json" in head and b"Connection: close" in head
+    body = await asyncio.wait_for(raw.reader.read(), 5)  # then the server closes
+    assert json.loads(body)["error"]["code"] == "unavailable"
+
+
+@pytest.mark.parametrize("engine", ["rtserver", "tornado"])
+async def test_both_engines_speak_the_same_protocol(start_server: StartServer, engine: str) -> None:
+    """register, a push, mark_read, an error reply, a server close: identical
+    whichever code speaks WebSocket (``server.websocket``)."""
+    server = await start_server(server={"websocket": engine})
+    raw = await Raw.open(server.port)
+    assert served_by_rtserver(raw) == (engine == "rtserver")
+    client = await server.user("same")
+    sent = await server.hub.send_notification("same", {"message": "hello"})
+    note = await client.next("notification")
+    assert note["message"] == "hello" and note["id"] == sent.notification.id
+    await client.request("mark_read", {"ids": [sent.notification.id]})
+    with pytest.raises(ClientError) as err:
+        await client.request("no_such_event", {})
+    assert err.value.code == "unknown_event"
+    (conn,) = server.hub.sessions.of_user("same")
+    conn.close(1008, "bye")
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert (client.close_code, client.close_reason) == (1008, "bye")
+    raw.close()

@@ -50,20 +50,19 @@ class Application(tornado.web.Application):
     plugins: Plugins
     endpoint: Endpoint
 
-    def make_server(self, **overrides: Any) -> HTTPServer:
+    def make_server(self) -> HTTPServer:
         """The HTTP server for this app as the config describes it (TLS,
         X-Forwarded-For, body limit), serving ``/ws`` through rtserver's own
         WebSocket code unless ``server.websocket`` is ``tornado``."""
         srv = self.hub.config.server
-        options: dict[str, Any] = {
-            "ssl_options": ssl_context(srv.tls_cert, srv.tls_key),
-            "xheaders": srv.xheaders,
-            "max_body_size": srv.max_body_bytes,
-            "idle_connection_timeout": 60,
-            "endpoint": self.endpoint if srv.websocket == "rtserver" else None,
-            **overrides,
-        }
-        return Server(self, **options)
+        return Server(
+            self,
+            ssl_options=ssl_context(srv.tls_cert, srv.tls_key),
+            xheaders=srv.xheaders,
+            max_body_size=srv.max_body_bytes,
+            idle_connection_timeout=60,
+            endpoint=self.endpoint if srv.websocket == "rtserver" else None,
+        )
 
     async def startup(self) -> None:
         await self.hub.start()

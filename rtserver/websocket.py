@@ -33,7 +33,6 @@ from http.client import responses
 from typing import Any
 
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, SSLIOStream, StreamBufferFullError, StreamClosedError
 from tornado.netutil import is_valid_ip
 
@@ -189,27 +188,29 @@ class Server(HTTPServer):
         if self.endpoint is None or isinstance(stream, SSLIOStream):
             super().handle_stream(stream, address)
             return
-        io_loop = IOLoop.current()
+        loop = asyncio.get_running_loop()
         fd = stream.socket.fileno()
 
-        def first_bytes(fd: int, events: int) -> None:
-            io_loop.remove_handler(fd)
+        def first_bytes() -> None:
+            loop.remove_reader(fd)
             timer.cancel()
             self._first_bytes(stream, address)
 
         def silent() -> None:
-            io_loop.remove_handler(fd)
+            loop.remove_reader(fd)
             super(Server, self).handle_stream(stream, address)
 
-        io_loop.add_handler(fd, first_bytes, IOLoop.READ)
-        timer = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT, silent)
+        # Until then the stream has no handler of its own on this fd.
+        loop.add_reader(fd, first_bytes)
+        timer = loop.call_later(FIRST_BYTES_TIMEOUT, silent)
 
     def _first_bytes(self, stream: IOStream, address: Any) -> None:
         sock = stream.socket
         try:
             head = sock.recv(MAX_HEAD, socket.MSG_PEEK)
-        except BlockingIOError:
-            head = b"-"  # a spurious wake-up: Tornado waits for the request
+        except BlockingIOError:  # a spurious wake-up: Tornado waits for the request
+            super().handle_stream(stream, address)
+            return
         except OSError:
             stream.close()
             return
@@ -230,9 +231,10 @@ class Server(HTTPServer):
             return
         key = accept_key(upgrade.headers["sec-websocket-key"])
         ws = WebSocket(self.endpoint, remote_ip, key, self.path)
-        asyncio.get_running_loop().create_task(self._connect(sock, ws))
+        self.endpoint.hub.spawn(self._connect(sock, ws))
 
-    async def _connect(self, sock: socket.socket, ws: WebSocket) -> None:
+    @staticmethod
+    async def _connect(sock: socket.socket, ws: WebSocket) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: ws, sock)
         except OSError:
@@ -309,9 +311,6 @@ class WebSocket(asyncio.Protocol):
                 self._transport.pause_reading()  # type: ignore[union-attr]
             return
         self._read()
-
-    def eof_received(self) -> bool | None:
-        return None  # the transport closes; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = self._closing = True

@@ -282,7 +282,7 @@ class WebSocket(asyncio.Protocol):
         self._busy = False  # a message's handler is running
         self._paused = False
         self._closing = False  # a close frame was sent or received
-        self._failed = False  # a protocol error: the rest of the input is ignored
+        self._draining = False  # the handshake is over: input is read and dropped
         self._lost = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -302,7 +302,7 @@ class WebSocket(asyncio.Protocol):
         self.conn = self.endpoint.open(self, self.remote_ip, self, None)
 
     def data_received(self, data: bytes) -> None:
-        if self._failed:
+        if self._draining:
             return
         self._buf += data
         if self._busy:
@@ -327,7 +327,7 @@ class WebSocket(asyncio.Protocol):
         buf = self._buf
         pos = 0
         size = len(buf)
-        while not self._busy and not self._failed and size - pos >= 2:
+        while not self._busy and not self._draining and size - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
             opcode = b0 & 0x0F
             length = b1 & 0x7F
@@ -431,18 +431,35 @@ class WebSocket(asyncio.Protocol):
         if not self._closing:  # answer with the same code
             self._closing = True
             self._transport.write(frame(0x8, close_payload(code, None)))  # type: ignore[union-attr]
-        self._transport.close()  # type: ignore[union-attr]
+        self._shut()
 
     def _fail(self, code: int, reason: str) -> None:
-        """A protocol error: say why in a close frame and drop the connection."""
-        self._failed = True
-        self._buf.clear()
+        """A protocol error: say why in a close frame and end the connection."""
+        if self.conn is not None:
+            self.conn.close_reason = self.conn.close_reason or reason
         if not self._closing:
             self._closing = True
             self._transport.write(frame(0x8, close_payload(code, reason)))  # type: ignore[union-attr]
+        self._shut()
+
+    def _shut(self) -> None:
+        """The closing handshake is over on our side: the session is gone, our
+        side of TCP ends after the last frame (FIN), and what the peer still
+        sends is read and dropped until it closes too (or ``CLOSE_TIMEOUT``).
+        Closing the socket with unread input would send a reset, which can
+        reach the peer before the close frame and lose its code."""
+        transport = self._transport
+        assert transport is not None
+        self._draining = True
+        self._buf.clear()
+        transport.write_eof()
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
         if self.conn is not None:
-            self.conn.close_reason = self.conn.close_reason or reason
-        self._transport.close()  # type: ignore[union-attr]
+            self._ctx.run(self.conn.gone)
 
     # -- Transport (for Connection) ----------------------------------------
 

@@ -1,10 +1,15 @@
 """Property-based fuzzing: random frames at the decoder and the dispatcher of a
-real server (running on its own thread and loop, so hypothesis can drive it)."""
+real server, and random WebSocket frames (bad opcodes, reserved bits, unmasked,
+fragments out of order, invalid UTF-8, bad close frames) at rtserver's own
+WebSocket code. The server runs on its own thread and loop, so hypothesis can
+drive it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +18,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from rtserver.app import make_app
@@ -74,7 +78,7 @@ def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         app = make_app(cfg)
         await app.startup()
         sockets = bind_sockets(0, "127.0.0.1")
-        server = HTTPServer(app)
+        server = app.make_server()
         server.add_sockets(sockets)
         stop = asyncio.Event()
         state.update(port=sockets[0].getsockname()[1], loop=asyncio.get_running_loop(), stop=stop)
@@ -127,3 +131,86 @@ def test_random_frames_each_get_one_error_and_nothing_escapes(
         assert reply["data"]["code"] in ERROR_CODES
         assert reply["data"]["code"] != "internal_error"
         assert reply["data"]["message"]
+
+
+wire_frames = st.tuples(
+    st.booleans(),  # FIN
+    st.sampled_from([0, 0, 0, 0x40, 0x10]),  # reserved bits, mostly none
+    st.sampled_from([0x0, 0x1, 0x1, 0x2, 0x8, 0x9, 0xA, 0x3, 0xB]),
+    st.sampled_from([True, True, True, False]),  # masked
+    st.one_of(
+        st.binary(max_size=40),
+        frames.map(str.encode),
+        st.just(b"\xff\xfe"),
+        st.integers(0, 5000).map(lambda code: struct.pack("!H", code)),
+    ),
+)
+
+
+def encode_frame(fin: bool, rsv: int, opcode: int, masked: bool, payload: bytes) -> bytes:
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    n = len(payload)
+    head += (
+        bytes([(0x80 if masked else 0) | n]) if n < 126 else bytes([0xFE]) + n.to_bytes(2, "big")
+    )
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def drive_wire(port: int, sent: list[tuple[bool, int, int, bool, bytes]]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101")
+        writer.write(b"".join(encode_frame(*frame) for frame in sent))
+        writer.write(encode_frame(True, 0, 0x1, True, b'{"event":"get_notifications","id":"end"}'))
+        # The codes of the client's own close frames (None: one without a code).
+        client_closed = {
+            int.from_bytes(payload[:2], "big") if payload else None
+            for _, _, opcode, _, payload in sent
+            if opcode == 0x8
+        }
+        while True:
+            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
+            n = b1 & 0x7F
+            if n == 126:
+                n = int.from_bytes(await reader.readexactly(2), "big")
+            payload = await reader.readexactly(n)
+            opcode = b0 & 0x0F
+            if opcode == 0x8:
+                code = int.from_bytes(payload[:2], "big") if payload else None
+                # A protocol error's code, or the echo of a close the client sent.
+                assert code in {1002, 1007, 1009} | client_closed, code
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+                return
+            if opcode == 0x1:
+                reply = json.loads(payload)
+                if reply["event"] == "error":
+                    assert reply["data"]["code"] != "internal_error", reply
+                if reply.get("id") == "end":
+                    return
+            else:
+                assert opcode == 0xA, opcode  # the answer to a ping
+    finally:
+        writer.close()
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(sent=st.lists(wire_frames, min_size=1, max_size=8))
+def test_random_websocket_frames_close_cleanly_or_are_answered(
+    threaded_server: dict[str, Any], sent: list[tuple[bool, int, int, bool, bytes]]
+) -> None:
+    """Whatever frames arrive, the connection either answers every message
+    (never internal_error) or closes with the code that says why (1002, 1007,
+    1009, or the echo of the client's own close); and the server goes on
+    serving a fresh client."""
+    asyncio.run(drive_wire(threaded_server["port"], sent))
+    assert asyncio.run(drive(threaded_server["port"], ["{}"]))[0]["event"] == "error"

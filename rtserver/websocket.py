@@ -62,16 +62,11 @@ def accept_key(key: str) -> bytes:
     return base64.b64encode(hashlib.sha1(key.encode("latin-1") + _GUID).digest())
 
 
-def frame(opcode: int, payload: bytes) -> bytes:
-    """One unmasked, final server frame."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, n))
-    elif n < 65536:
-        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
-    return head + payload
+def control_frame(opcode: int, payload: bytes) -> bytes:
+    """A server control frame (close, pong): final, unmasked, at most 125
+    bytes. Messages are framed once for all clients by ``protocol``."""
+    assert len(payload) <= 125
+    return bytes((0x80 | opcode, len(payload))) + payload
 
 
 def unmask(data: bytes | bytearray, mask: bytes) -> bytes:
@@ -261,6 +256,8 @@ class WebSocket(asyncio.Protocol):
     It is the Connection's ``Transport`` (close, ping, abort) and its
     ``Stream`` (write, with the slow-client bound)."""
 
+    _transport: asyncio.Transport  # from connection_made, before anything else
+
     def __init__(self, endpoint: Endpoint, remote_ip: str, key: bytes, path: str) -> None:
         self.endpoint = endpoint
         self.remote_ip = remote_ip
@@ -273,7 +270,6 @@ class WebSocket(asyncio.Protocol):
         self._started = time.perf_counter()
         self._max = endpoint.hub.config.server.max_frame_bytes
         self._bucket = endpoint.hub.limits.frame_bucket()
-        self._transport: asyncio.Transport | None = None
         self._ctx = contextvars.copy_context()  # this connection's log context
         self._buf = bytearray()
         self._parts: list[bytes] | None = None  # a fragmented message so far
@@ -308,7 +304,7 @@ class WebSocket(asyncio.Protocol):
         if self._busy:
             if len(self._buf) > MAX_BUFFERED and not self._paused:
                 self._paused = True
-                self._transport.pause_reading()  # type: ignore[union-attr]
+                self._transport.pause_reading()
             return
         self._read()
 
@@ -385,7 +381,7 @@ class WebSocket(asyncio.Protocol):
             self._peer_closed(payload)
         elif opcode == 0x9:
             if not self._closing:
-                self._transport.write(frame(0xA, payload))  # type: ignore[union-attr]
+                self._transport.write(control_frame(0xA, payload))
         elif opcode == 0xA:
             if self.conn is not None:
                 self.conn.alive(time.monotonic())
@@ -416,7 +412,7 @@ class WebSocket(asyncio.Protocol):
             return
         if self._paused:
             self._paused = False
-            self._transport.resume_reading()  # type: ignore[union-attr]
+            self._transport.resume_reading()
         self._read()
 
     def _peer_closed(self, payload: bytes) -> None:
@@ -430,7 +426,7 @@ class WebSocket(asyncio.Protocol):
             return
         if not self._closing:  # answer with the same code
             self._closing = True
-            self._transport.write(frame(0x8, close_payload(code, None)))  # type: ignore[union-attr]
+            self._transport.write(control_frame(0x8, close_payload(code, None)))
         self._shut()
 
     def _fail(self, code: int, reason: str) -> None:
@@ -439,7 +435,7 @@ class WebSocket(asyncio.Protocol):
             self.conn.close_reason = self.conn.close_reason or reason
         if not self._closing:
             self._closing = True
-            self._transport.write(frame(0x8, close_payload(code, reason)))  # type: ignore[union-attr]
+            self._transport.write(control_frame(0x8, close_payload(code, reason)))
         self._shut()
 
     def _shut(self) -> None:
@@ -449,7 +445,6 @@ class WebSocket(asyncio.Protocol):
         Closing the socket with unread input would send a reset, which can
         reach the peer before the close frame and lose its code."""
         transport = self._transport
-        assert transport is not None
         self._draining = True
         self._buf.clear()
         transport.write_eof()
@@ -468,19 +463,19 @@ class WebSocket(asyncio.Protocol):
         if self._closing:
             return
         self._closing = True
-        self._transport.write(frame(0x8, close_payload(code, reason)))  # type: ignore[union-attr]
+        self._transport.write(control_frame(0x8, close_payload(code, reason)))
         self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
 
     def abort(self) -> None:
         self._closing = True
-        self._transport.abort()  # type: ignore[union-attr]
+        self._transport.abort()
 
     def send_ping(self) -> None:
         if not self._closing:
-            self._transport.write(_PING)  # type: ignore[union-attr]
+            self._transport.write(_PING)
 
     def outbound_bytes(self) -> int:
-        return self._transport.get_write_buffer_size() if self._transport else 0
+        return self._transport.get_write_buffer_size()
 
     # -- Stream (for Connection) --------------------------------------------
 
@@ -488,7 +483,6 @@ class WebSocket(asyncio.Protocol):
         if self._closing:
             raise StreamClosedError()
         transport = self._transport
-        assert transport is not None
         limit = self.max_write_buffer_size
         if limit is not None:
             queued = transport.get_write_buffer_size()
@@ -500,4 +494,4 @@ class WebSocket(asyncio.Protocol):
         return self._closing
 
     def writing(self) -> bool:
-        return bool(self._transport and self._transport.get_write_buffer_size())
+        return bool(self._transport.get_write_buffer_size())

@@ -18,7 +18,7 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from rtserver.client import ClientError
-from rtserver.websocket import accept_key, unmask
+from rtserver.websocket import accept_key, close_payload, unmask
 
 from .conftest import Running, StartServer
 
@@ -55,7 +55,12 @@ class Raw:
     def send(self, opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> None:
         mask = os.urandom(4) if masked else b""
         n = len(payload)
-        length = bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big")
+        if n < 126:
+            length = bytes([n])
+        elif n < 65536:
+            length = bytes([126]) + n.to_bytes(2, "big")
+        else:
+            length = bytes([127]) + n.to_bytes(8, "big")
         first = bytes([(0x80 if fin else 0) | opcode])
         second = bytes([(0x80 if masked else 0) | length[0]]) + length[1:]
         self.writer.write(first + second + mask + (unmask(payload, mask) if masked else payload))
@@ -218,6 +223,19 @@ async def test_upgrade_in_pieces_goes_to_tornado(server: Running) -> None:
     assert (await raw.json())["data"]["user_id"] == "slowpoke"
 
 
+async def test_repeated_headers_go_to_tornado(server: Running) -> None:
+    """A head rtserver does not parse itself (a repeated header) is Tornado's."""
+    raw = await Raw.open(server.port, headers="Cookie: a=1\r\nCookie: b=2\r\n")
+    assert raw.response.startswith(b"HTTP/1.1 101") and not served_by_rtserver(raw)
+
+
+def test_close_reason_fits_a_control_frame() -> None:
+    """A reason is cut to 123 bytes at a character boundary (valid UTF-8)."""
+    payload = close_payload(1001, "é" * 100)
+    assert len(payload) <= 125 and payload[:2] == b"\x03\xe9"
+    assert payload[2:].decode() == "é" * 61
+
+
 async def test_cross_origin_refusal_is_tornados(start_server: StartServer) -> None:
     """A browser from an origin not configured gets Tornado's 403; a configured
     one (and the same origin) is upgraded by rtserver."""
@@ -227,6 +245,19 @@ async def test_cross_origin_refusal_is_tornados(start_server: StartServer) -> No
     ok = await Raw.open(server.port, headers="Origin: https://app.example.com\r\n")
     same = await Raw.open(server.port, headers=f"Origin: http://127.0.0.1:{server.port}\r\n")
     assert served_by_rtserver(ok) and served_by_rtserver(same)
+    # Sec-Fetch-Site decides first when a browser sends it, as in Tornado 6.6.
+    site = "Sec-Fetch-Site: {}\r\nOrigin: {}\r\n"
+    fetched_same = await Raw.open(
+        server.port, headers=site.format("same-origin", "https://evil.example.net")
+    )
+    cross_ok = await Raw.open(
+        server.port, headers=site.format("cross-site", "https://app.example.com")
+    )
+    cross_evil = await Raw.open(
+        server.port, headers=site.format("same-site", f"http://127.0.0.1:{server.port}")
+    )
+    assert served_by_rtserver(fetched_same) and served_by_rtserver(cross_ok)
+    assert cross_evil.response.startswith(b"HTTP/1.1 403")
 
 
 async def test_refused_while_shutting_down(server: Running) -> None:
@@ -261,3 +292,77 @@ async def test_both_engines_speak_the_same_protocol(start_server: StartServer, e
     await asyncio.wait_for(client.closed.wait(), 5)
     assert (client.close_code, client.close_reason) == (1008, "bye")
     raw.close()
+
+
+@pytest.mark.parametrize("engine", ["rtserver", "tornado"])
+async def test_remote_ip_behind_a_proxy(start_server: StartServer, engine: str) -> None:
+    """With ``server.xheaders`` both engines take the client's address from
+    X-Real-Ip, else the last X-Forwarded-For hop; without it, from the socket."""
+    server = await start_server(server={"xheaders": True, "websocket": engine})
+    forwarded = await Raw.open(server.port, headers="X-Forwarded-For: 203.0.113.9, 10.0.0.1\r\n")
+    real = await Raw.open(
+        server.port, headers="X-Forwarded-For: 203.0.113.9\r\nX-Real-Ip: 198.51.100.7\r\n"
+    )
+    bogus = await Raw.open(server.port, headers="X-Real-Ip: not-an-address\r\n")
+    plain = await start_server(server={"websocket": engine})
+    ignored = await Raw.open(plain.port, headers="X-Real-Ip: 198.51.100.7\r\n")
+    for raw, srv, user in [
+        (forwarded, server, "f"),
+        (real, server, "r"),
+        (bogus, server, "b"),
+        (ignored, plain, "i"),
+    ]:
+        raw.text({"event": "register", "id": 1, "data": {"token": srv.token(user)}})
+        await raw.json()
+    ips = {
+        user: conn.remote_ip
+        for srv in (server, plain)
+        for user in "frbi"
+        for conn in srv.hub.sessions.of_user(user)
+    }
+    assert ips == {"f": "10.0.0.1", "r": "198.51.100.7", "b": "127.0.0.1", "i": "127.0.0.1"}
+
+
+async def test_silent_connection_goes_to_tornado(
+    server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that says nothing for ``FIRST_BYTES_TIMEOUT`` is handed to
+    Tornado, whose idle timeout then applies; a late request is still served."""
+    monkeypatch.setattr("rtserver.websocket.FIRST_BYTES_TIMEOUT", 0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    await asyncio.sleep(0.3)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200") and b"\r\nServer: TornadoServer" in head
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_pipelined_frames_while_a_handler_waits(start_server: StartServer) -> None:
+    """Frames sent while ``register`` waits for the store (more than the
+    256 KiB held before reading pauses) are each answered, in order."""
+    server = await start_server(limits={"frames_per_second": 1e9, "frame_burst": 10**9})
+    raw = await Raw.open(server.port)
+    raw.text({"event": "register", "id": 0, "data": {"token": server.token("pipe")}})
+    for i in range(1, 41):
+        raw.text({"event": "no_such_event", "id": i, "data": {"pad": "x" * 8000}})
+    replies = [await raw.json() for _ in range(41)]
+    assert [r["id"] for r in replies] == list(range(41))
+    assert replies[0]["event"] == "ack"
+    assert {r["data"]["code"] for r in replies[1:]} == {"unknown_event"}
+
+
+async def test_largest_message_fits_exactly(server: Running) -> None:
+    """A message of exactly ``max_frame_bytes`` (64 KiB, sent in two fragments
+    with the 16-bit length form) is handled; one byte more (the 64-bit form)
+    closes with 1009."""
+    limit = server.hub.config.server.max_frame_bytes
+    raw = await Raw.open(server.port)
+    text = json.dumps({"event": "no_such_event", "id": 1, "data": {"pad": ""}}).encode()
+    text = text.replace(b'"pad": ""', b'"pad": "' + b"x" * (limit - len(text)) + b'"')
+    assert len(text) == limit
+    raw.send(0x1, text[:40000], fin=False)
+    raw.send(0x0, text[40000:])
+    assert (await raw.json())["data"]["code"] == "unknown_event"
+    raw.send(0x1, text + b" ")
+    assert (await raw.closed_with())[0] == 1009

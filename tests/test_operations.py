@@ -4,13 +4,9 @@ access, graceful shutdown (a real process, real signals)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import json
-import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
@@ -24,64 +20,8 @@ from rtserver.app import make_metrics_app
 from rtserver.client import Client, ClientError
 
 from .conftest import Running, StartServer
+from .rawws import RawWebSocket
 from .test_run import RUN, free_port, wait_http, write_config
-
-
-class RawWebSocket:
-    """A hand-made WebSocket client that can play dead: it answers no pings and,
-    with a tiny receive buffer, can stop reading. (The Tornado client always
-    answers pings and reads, so it cannot stand in for a dead or stuck peer.)"""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, port: int, rcvbuf: int | None = None) -> RawWebSocket:
-        sock = socket.socket()
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(reader, writer)
-
-    def send_text(self, text: str) -> None:
-        payload = text.encode()
-        mask = os.urandom(4)
-        n = len(payload)
-        header = (
-            struct.pack("!BB", 0x81, 0x80 | n)
-            if n < 126
-            else struct.pack("!BBH", 0x81, 0x80 | 126, n)
-        )
-        self.writer.write(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    async def read_text(self) -> dict:  # type: ignore[type-arg]
-        """The next text frame (skipping pings, which this peer never answers)."""
-        while True:
-            b0, b1 = await self.reader.readexactly(2)
-            n = b1 & 0x7F
-            if n == 126:
-                (n,) = struct.unpack("!H", await self.reader.readexactly(2))
-            elif n == 127:
-                (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            data = await self.reader.readexactly(n)
-            if b0 & 0x0F == 0x1:
-                return json.loads(data)  # type: ignore[no-any-return]
-
-    async def register(self, token: str) -> dict:  # type: ignore[type-arg]
-        self.send_text(json.dumps({"event": "register", "id": 1, "data": {"token": token}}))
-        return await self.read_text()
-
-    def close(self) -> None:
-        self.writer.transport.abort()
 
 
 async def wait_until(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
@@ -97,7 +37,8 @@ async def test_dead_peer_is_reaped_within_interval_plus_timeout(start_server: St
     """A peer that stops answering pings is closed within ping_interval +
     ping_timeout, and its session leaves the registry and the metrics."""
     srv = await start_server(server={"ping_interval": 0.2, "ping_timeout": 0.3})
-    dead = await RawWebSocket.connect(srv.port)
+    dead = await RawWebSocket.open(srv.port)
+    assert dead.response.startswith(b"HTTP/1.1 101")
     try:
         ack = await dead.register(srv.token("ghost"))
         assert ack["event"] == "ack"
@@ -120,7 +61,8 @@ async def test_slow_client_is_cut_off_while_others_receive(start_server: StartSe
         server={"max_outbound_bytes": 256 * 1024}, limits={"max_notification_bytes": 100_000}
     )
     fast = await srv.user("fast")
-    slow = await RawWebSocket.connect(srv.port, rcvbuf=4096)
+    slow = await RawWebSocket.open(srv.port, rcvbuf=4096)
+    assert slow.response.startswith(b"HTTP/1.1 101")
     try:
         assert (await slow.register(srv.token("slow")))["event"] == "ack"
         body = "x" * 60_000

@@ -7,9 +7,7 @@ shows in the 101: Tornado's carries a ``Server`` header, rtserver's does not."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,90 +16,28 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from rtserver.client import ClientError
-from rtserver.websocket import accept_key, close_payload, unmask
+from rtserver.websocket import accept_key, close_payload
 
 from .conftest import Running, StartServer
+from .rawws import KEY, RawWebSocket
 
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
-
-class Raw:
-    """A WebSocket client on a bare socket."""
+class Raw(RawWebSocket):
+    """Remembers every client opened, for the fixture below to close."""
 
     opened: list[Raw] = []
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.response = b""
+        super().__init__(reader, writer)
         Raw.opened.append(self)
-
-    @classmethod
-    async def open(cls, port: int, *, pieces: int = 1, headers: str = "") -> Raw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        raw = cls(reader, writer)
-        head = (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
-        ).encode()
-        step = len(head) // pieces + 1
-        for i in range(0, len(head), step):
-            writer.write(head[i : i + step])
-            await writer.drain()
-            await asyncio.sleep(0.05)
-        raw.response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        return raw
-
-    def send(self, opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> None:
-        mask = os.urandom(4) if masked else b""
-        n = len(payload)
-        if n < 126:
-            length = bytes([n])
-        elif n < 65536:
-            length = bytes([126]) + n.to_bytes(2, "big")
-        else:
-            length = bytes([127]) + n.to_bytes(8, "big")
-        first = bytes([(0x80 if fin else 0) | opcode])
-        second = bytes([(0x80 if masked else 0) | length[0]]) + length[1:]
-        self.writer.write(first + second + mask + (unmask(payload, mask) if masked else payload))
-
-    def text(self, obj: Any) -> None:
-        self.send(0x1, json.dumps(obj).encode())
-
-    async def frame(self) -> tuple[int, bytes]:
-        b0, b1 = await asyncio.wait_for(self.reader.readexactly(2), 5)
-        n = b1 & 0x7F
-        if n == 126:
-            n = int.from_bytes(await self.reader.readexactly(2), "big")
-        elif n == 127:
-            n = int.from_bytes(await self.reader.readexactly(8), "big")
-        assert not b1 & 0x80, "server frames are never masked"
-        return b0 & 0x0F, await self.reader.readexactly(n)
-
-    async def json(self) -> dict[str, Any]:
-        opcode, payload = await self.frame()
-        assert opcode == 0x1, (opcode, payload)
-        return json.loads(payload)  # type: ignore[no-any-return]
-
-    async def closed_with(self) -> tuple[int, str]:
-        """The server's close frame, then the end of the connection."""
-        opcode, payload = await self.frame()
-        assert opcode == 0x8, (opcode, payload)
-        assert await asyncio.wait_for(self.reader.read(), 5) == b""  # the server closed TCP
-        return int.from_bytes(payload[:2], "big"), payload[2:].decode()
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 @pytest.fixture(autouse=True)
 async def close_raw_clients() -> AsyncIterator[None]:
     yield
     while Raw.opened:
-        raw = Raw.opened.pop()
-        raw.close()
-        with contextlib.suppress(OSError):
-            await raw.writer.wait_closed()
+        Raw.opened.pop().close()
+    await asyncio.sleep(0)  # the transports finish closing
 
 
 @pytest.fixture

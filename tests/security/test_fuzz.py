@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import struct
 import threading
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from rtserver.client import Client
 from rtserver.protocol import ERROR_CODES
 
 from ..conftest import make_config
+from ..rawws import RawWebSocket, encode_frame
 
 EVENTS = [
     "register",
@@ -147,29 +147,13 @@ wire_frames = st.tuples(
 )
 
 
-def encode_frame(fin: bool, rsv: int, opcode: int, masked: bool, payload: bytes) -> bytes:
-    head = bytes([(0x80 if fin else 0) | rsv | opcode])
-    n = len(payload)
-    head += (
-        bytes([(0x80 if masked else 0) | n]) if n < 126 else bytes([0xFE]) + n.to_bytes(2, "big")
-    )
-    if not masked:
-        return head + payload
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 async def drive_wire(port: int, sent: list[tuple[bool, int, int, bool, bytes]]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    raw = await RawWebSocket.open(port)
     try:
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert head.startswith(b"HTTP/1.1 101")
-        writer.write(b"".join(encode_frame(*frame) for frame in sent))
-        writer.write(encode_frame(True, 0, 0x1, True, b'{"event":"get_notifications","id":"end"}'))
+        assert raw.response.startswith(b"HTTP/1.1 101")
+        for fin, rsv, opcode, masked, payload in sent:
+            raw.writer.write(encode_frame(opcode, payload, fin=fin, rsv=rsv, masked=masked))
+        raw.text({"event": "get_notifications", "id": "end"})
         # The codes of the client's own close frames (None: one without a code).
         client_closed = {
             int.from_bytes(payload[:2], "big") if payload else None
@@ -177,17 +161,12 @@ async def drive_wire(port: int, sent: list[tuple[bool, int, int, bool, bytes]]) 
             if opcode == 0x8
         }
         while True:
-            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
-            n = b1 & 0x7F
-            if n == 126:
-                n = int.from_bytes(await reader.readexactly(2), "big")
-            payload = await reader.readexactly(n)
-            opcode = b0 & 0x0F
+            opcode, payload = await raw.frame(timeout=10)
             if opcode == 0x8:
                 code = int.from_bytes(payload[:2], "big") if payload else None
                 # A protocol error's code, or the echo of a close the client sent.
                 assert code in {1002, 1007, 1009} | client_closed, code
-                assert await asyncio.wait_for(reader.read(), 10) == b""
+                assert await asyncio.wait_for(raw.reader.read(), 10) == b""
                 return
             if opcode == 0x1:
                 reply = json.loads(payload)
@@ -198,7 +177,7 @@ async def drive_wire(port: int, sent: list[tuple[bool, int, int, bool, bytes]]) 
             else:
                 assert opcode == 0xA, opcode  # the answer to a ping
     finally:
-        writer.close()
+        raw.close()
 
 
 @settings(

@@ -506,11 +506,30 @@ class Hub:
         return len(known)
 
     def settled_elsewhere(self, user_id: str, ids: list[str]) -> None:
-        """Another node's session confirmed these: stop waiting for them here."""
+        """Another node's session confirmed these: stop waiting for them here.
+        Those this node pushed it also marks delivered itself, once their rows
+        are written: the confirming node's mark may have come first and found
+        no row to mark."""
+        mine = []
         for nid in ids:
             entry = self.receipts.get(nid)
             if entry is not None and entry.user_id == user_id:
                 self.receipts.forget(nid)
+                mine.append(nid)
+        if mine:
+            self.spawn(self._mark_settled(user_id, mine))
+
+    async def _mark_settled(self, user_id: str, ids: list[str]) -> None:
+        saving = self._saving.get(user_id)
+        if saving:
+            await asyncio.gather(*saving)
+        try:
+            await self._store_op(
+                "mark_delivered", self.store.mark_delivered(ids, time.time(), user_id=user_id)
+            )
+        except StoreError as err:
+            # Offered again at the next register: at-least-once, never lost.
+            log.warning("receipts.mark_failed", user_id=user_id, error=str(err))
 
     def resend_unconfirmed(self) -> None:
         """Push notifications unconfirmed for ``receipt_timeout`` to the user's

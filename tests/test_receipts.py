@@ -189,3 +189,29 @@ async def test_confirmation_before_the_row_is_written_still_marks_it(
             break
         await asyncio.sleep(0.02)
     assert (await stored(server, "cy", pushed["id"]))["delivered"] is True
+
+
+async def test_confirmed_on_another_node_before_the_row_is_written(
+    server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a cluster another node's session can confirm a notification (its
+    mark finding no row yet) while this node still writes it. The settled
+    message this node then gets makes it mark the row itself once written.
+    The other node is stood in for: its mark on the shared store and the
+    ``settled_elsewhere`` call its broker message makes (the Redis path is
+    covered in test_cluster.py)."""
+    phone = await receipts_client(server, "dee", confirm=False)
+    gate = hold_writes(server, monkeypatch)
+    sending = asyncio.ensure_future(server.hub.send_notification("dee", {"message": "both"}))
+    nid = (await phone.next("notification"))["id"]
+    await server.hub.store.mark_delivered([nid], 1.0, user_id="dee")  # no row yet: nothing
+    server.hub.settled_elsewhere("dee", [nid])
+    await asyncio.sleep(0.05)
+    assert not sending.done()
+    gate.set()
+    await sending
+    for _ in range(100):
+        if (await stored(server, "dee", nid))["delivered"]:
+            break
+        await asyncio.sleep(0.02)
+    assert (await stored(server, "dee", nid))["delivered"] is True

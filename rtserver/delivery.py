@@ -12,13 +12,18 @@ from typing import Any
 
 from rtserver.broker import LocalBroker
 from rtserver.metrics import Metrics
-from rtserver.protocol import FrameId, encode, ws_text_frame
+from rtserver.protocol import FrameId, Notification, encode, notification_json, ws_text_frame
 from rtserver.sessions import Connection, Outbox, SessionRegistry
 
 
 def frame(event: str, data: Any, frame_id: FrameId | None = None) -> bytes:
     """Encode and frame once; the bytes can go to any number of connections."""
     return ws_text_frame(encode(event, data, frame_id))
+
+
+def notification_frame(n: Notification) -> bytes:
+    """``frame("notification", n.to_wire())``, the same bytes, built faster."""
+    return ws_text_frame(notification_json(n))
 
 
 class Delivery:
@@ -89,6 +94,26 @@ class Delivery:
             self._frames(event, n)
             self._kinds("user", n)
         return n
+
+    def notify_user(self, user_id: str, framed: bytes, notification_id: str) -> tuple[int, bool]:
+        """``to_user`` for a stored notification's frame, on the hot path of
+        every send: how many sessions here it reached, and whether one of
+        them does not confirm receipts (so it counts as delivered now)."""
+        if self.broker.enabled:
+            self.broker.publish_user(user_id, framed, notification_id, None)
+        sessions = self.sessions.view_of_user(user_id)
+        if not sessions:
+            return 0, False
+        n, plain = 0, False
+        for conn in tuple(sessions):  # a push may close a slow session
+            if conn.push(framed, notification_id):
+                n += 1
+                if not conn.receipts:
+                    plain = True
+        if n:
+            self._frames("notification", n)
+            self._kinds("user", n)
+        return n, plain
 
     def to_session(self, session_id: str, event: str, data: Any) -> bool:
         """Push to one registered session; False when no such session is here."""

@@ -32,7 +32,7 @@ from tornado.ioloop import PeriodicCallback
 from rtserver.auth import Authenticator
 from rtserver.broker import make_broker
 from rtserver.config import Config
-from rtserver.delivery import Delivery, frame
+from rtserver.delivery import Delivery, frame, notification_frame
 from rtserver.limits import RateLimits
 from rtserver.log import get_logger
 from rtserver.metrics import Metrics
@@ -68,6 +68,8 @@ class _Batch:
     """Notifications sent together: pushed one by one (``Hub._begin``), stored
     with one store call (``Hub._finish``)."""
 
+    __slots__ = ("callers", "later", "notifications", "now", "pushed", "saved", "users")
+
     def __init__(self) -> None:
         self.now = time.time()
         self.notifications: list[Notification] = []
@@ -75,9 +77,11 @@ class _Batch:
         self.pushed: list[int] = []
         #: Indexes of the notifications written first and pushed after.
         self.later: list[int] = []
-        #: Done once the batch's rows are written (replays and receipts wait).
+        #: Done once the batch's rows are written.
         self.saved: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.saving: dict[str, list[asyncio.Future[None]]] = {}
+        #: Users pushed a notification before its row is written: their
+        #: replays and receipts wait for ``saved`` (``Hub._rows_pending``).
+        self.users: set[str] = set()
         #: With ``send_notification``: each caller's future, in order.
         self.callers: list[asyncio.Future[SendResult | StoreError]] = []
 
@@ -104,9 +108,8 @@ class Hub:
         self._delivered: list[tuple[str, str, Connection | None]] = []
         self.receipts = ReceiptTable()
         self._inflight: dict[str, set[str]] = {}
-        #: Per user, the pushed-first notifications still being written: a
-        #: replay waits for them so that ``after(last_id)`` sees them.
-        self._saving: dict[str, list[asyncio.Future[None]]] = {}
+        #: Batches whose rows are being written (see ``_rows_pending``).
+        self._writing: set[_Batch] = set()
         #: The batch collecting this loop turn's ``send_notification`` calls.
         self._turn_batch: _Batch | None = None
         self._store_timers: dict[str, Any] = {}
@@ -225,11 +228,17 @@ class Hub:
     # -- sending ----------------------------------------------------------
 
     def make_notification(
-        self, user_id: str | None, payload: Any, *, broadcast: bool = False
+        self,
+        user_id: str | None,
+        payload: Any,
+        *,
+        broadcast: bool = False,
+        notification_id: str | None = None,
     ) -> Notification:
-        """Validate ``payload`` against the limits; raises ``ProtocolError``."""
+        """Validate ``payload`` against the limits; raises ``ProtocolError``.
+        ``notification_id``: one from ``new_id`` (made here when not given)."""
         limits = self.config.limits
-        nid = self.new_id()
+        nid = notification_id or self.new_id()
         return build_notification(
             payload,
             user_id=user_id,
@@ -295,10 +304,13 @@ class Hub:
         (``ProtocolError``); they are stored with one store call. Each result
         is a ``SendResult``, or the ``StoreError`` that kept that one out."""
         notifications = []
+        ids = self.new_id.take(len(items))
         for index, (user_id, payload) in enumerate(items):
             try:
                 _check_user_id(user_id)
-                notifications.append(self.make_notification(user_id, payload))
+                notifications.append(
+                    self.make_notification(user_id, payload, notification_id=ids[index])
+                )
             except ProtocolError as err:
                 raise ProtocolError(
                     err.code, f"[{index}]: {err.message}", status=err.status
@@ -325,16 +337,28 @@ class Hub:
     def _begin(self, batch: _Batch, n: Notification) -> None:
         user_id = n.user_id
         assert user_id is not None
-        if user_id not in self._inflight and self._has_session(user_id, plain=False):
-            batch.pushed.append(self._push(n, user_id, batch.now))
-            if user_id not in batch.saving:
-                batch.saving[user_id] = waiting = self._saving.setdefault(user_id, [])
-                waiting.append(batch.saved)
+        reached = 0
+        if user_id not in self._inflight:
+            for c in self.sessions.view_of_user(user_id):
+                if not c.closed:
+                    reached = self._push(n, user_id, batch.now)
+                    break
+            else:
+                reached = -1
+        if reached >= 0:
+            if not batch.users:
+                self._writing.add(batch)
+            batch.users.add(user_id)
+            batch.pushed.append(reached)
         else:
             self._inflight.setdefault(user_id, set()).add(n.id)
             batch.later.append(len(batch.notifications))
             batch.pushed.append(0)
         batch.notifications.append(n)
+
+    def _rows_pending(self, user_id: str) -> list[asyncio.Future[None]]:
+        """Futures done once the user's pushed-first notifications are written."""
+        return [b.saved for b in self._writing if user_id in b.users]
 
     async def _finish(self, batch: _Batch) -> list[SendResult | StoreError]:
         notifications, pushed = batch.notifications, batch.pushed
@@ -344,10 +368,7 @@ class Hub:
             errors = [err] * len(notifications)
         finally:
             batch.saved.set_result(None)
-            for user_id, waiting in batch.saving.items():
-                waiting.remove(batch.saved)
-                if not waiting:
-                    del self._saving[user_id]
+            self._writing.discard(batch)
             for i in batch.later:
                 n = notifications[i]
                 inflight = self._inflight[n.user_id]  # type: ignore[index]
@@ -357,49 +378,44 @@ class Hub:
         for i in batch.later:
             if errors[i] is None:
                 pushed[i] = self._push(notifications[i], notifications[i].user_id or "", None)
-        results: list[SendResult | StoreError] = []
-        stored = 0
-        for n, error, delivered in zip(notifications, errors, pushed, strict=True):
-            if error is None:
-                stored += 1
-                results.append(SendResult(n, delivered))
-                continue
-            if delivered:
-                log.error(
-                    "notification.not_stored",
-                    user_id=n.user_id,
-                    notification_id=n.id,
-                    delivered=delivered,
-                    error=str(error),
-                )
-            results.append(StoreError(str(error), delivered=delivered))
-        if stored:
-            self.metrics.notifications.inc(stored)
+        if not any(errors):
+            # The usual case, in one pass.
+            self.metrics.notifications.inc(len(notifications))
+            results: list[SendResult | StoreError] = list(map(SendResult, notifications, pushed))
+        else:
+            results = []
+            stored = 0
+            for n, error, delivered in zip(notifications, errors, pushed, strict=True):
+                if error is None:
+                    stored += 1
+                    results.append(SendResult(n, delivered))
+                    continue
+                if delivered:
+                    log.error(
+                        "notification.not_stored",
+                        user_id=n.user_id,
+                        notification_id=n.id,
+                        delivered=delivered,
+                        error=str(error),
+                    )
+                results.append(StoreError(str(error), delivered=delivered))
+            if stored:
+                self.metrics.notifications.inc(stored)
         if self.delivered_listeners:
             for n, error in zip(notifications, errors, strict=True):
                 if error is None and n.delivered_at is not None:
                     self._fire_delivered(n.user_id or "", [n.id], None)
         return results
 
-    def _has_session(self, user_id: str, *, plain: bool) -> bool:
-        """A live session of the user here (with ``plain``: one that does not
-        confirm receipts, so a push to it counts as delivered at once)."""
-        for c in self.sessions.view_of_user(user_id):
-            if not c.closed and not (plain and c.receipts):
-                return True
-        return False
-
     def _push(self, n: Notification, user_id: str, now: float | None) -> int:
         """Push to the user's sessions. With ``now`` (before the row is
         written) a session without receipts getting it makes the row
         delivered at ``now``; without (after), it is marked delivered later."""
-        framed = frame("notification", n.to_wire())
-        delivered = self.delivery.to_user(
-            user_id, "notification", None, notification_id=n.id, framed=framed
-        )
+        framed = notification_frame(n)
+        delivered, plain = self.delivery.notify_user(user_id, framed, n.id)
         if not delivered:
             return 0
-        if now is not None and self._has_session(user_id, plain=True):
+        if now is not None and plain:
             n.delivered_at = now
         else:
             self._pushed(user_id, n.id, framed)
@@ -434,7 +450,7 @@ class Hub:
         many sessions were reached.
         """
         notification = self.make_notification(None, payload, broadcast=True)
-        n = self.delivery.broadcast("notification", notification.to_wire())
+        n = self.delivery.broadcast_framed(notification_frame(notification))
         log.info("broadcast.sent", notification_id=notification.id, delivered=n)
         return n
 
@@ -484,7 +500,7 @@ class Hub:
         confirmations were new to this process."""
         assert connection.user_id is not None
         user_id = connection.user_id
-        saving = self._saving.get(user_id)
+        saving = self._rows_pending(user_id)
         if saving:
             # Pushed before its row was written: mark it once the row exists.
             await asyncio.gather(*saving)
@@ -520,7 +536,7 @@ class Hub:
             self.spawn(self._mark_settled(user_id, mine))
 
     async def _mark_settled(self, user_id: str, ids: list[str]) -> None:
-        saving = self._saving.get(user_id)
+        saving = self._rows_pending(user_id)
         if saving:
             await asyncio.gather(*saving)
         try:
@@ -590,7 +606,7 @@ class Hub:
     async def _replay(self, conn: Connection, user_id: str, last_id: str | None) -> None:
         cap = self.config.limits.max_replay
         cursor, sent = last_id, 0
-        saving = self._saving.get(user_id)
+        saving = self._rows_pending(user_id)
         if saving:
             # Pushed before this session existed and still being written:
             # ``after(last_id)`` must see them.

@@ -205,18 +205,27 @@ def ws_text_frame(payload: bytes) -> bytes:
     """
     n = len(payload)
     if n < 126:
-        header = struct.pack("!BB", 0x81, n)
-    elif n <= 0xFFFF:
-        header = struct.pack("!BBH", 0x81, 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x81, 127, n)
-    return header + payload
+        return _SHORT_HEADERS[n] + payload
+    if n <= 0xFFFF:
+        return _header16(0x81, 126, n) + payload
+    return _header64(0x81, 127, n) + payload
+
+
+_SHORT_HEADERS: Final = [bytes((0x81, n)) for n in range(126)]
+_header16 = struct.Struct("!BBH").pack
+_header64 = struct.Struct("!BBQ").pack
 
 
 def check_shape(obj: Any, *, max_depth: int, max_fields: int, where: str = "data") -> None:
     """Refuse payloads nested deeper than ``max_depth`` or with objects wider
     than ``max_fields`` keys (lists count toward depth, not width). Only
-    objects and lists are visited (a flat payload is one pass over its keys)."""
+    objects and lists are visited (a flat payload is one pass over its values)."""
+    if type(obj) is dict and len(obj) <= max_fields and max_depth >= 1:
+        for value in obj.values():
+            if isinstance(value, (dict, list)):
+                break
+        else:
+            return  # flat: nothing deeper to visit
     stack: list[tuple[Any, int, str]] = [(obj, 1, where)]
     while stack:
         node, depth, path = stack.pop()
@@ -265,14 +274,64 @@ class Notification(msgspec.Struct, kw_only=True):
             body["broadcast"] = True
         return body
 
+    def wire_json(self) -> bytes:
+        """``encode_json(self.to_wire())``, byte for byte, about three times
+        faster: the server's fields are one Struct, the extras (if any) a dict
+        encoded on its own, and the two are joined."""
+        fields = _wire_encoder.encode(
+            _WireFields(
+                self.id,
+                self.user_id,
+                self.message,
+                self.type,
+                iso_utc(self.created_at),
+                self.read,
+                None if self.read_at is None else iso_utc(self.read_at),
+                None if self.delivered_at is None else iso_utc(self.delivered_at),
+                self.broadcast,
+            )
+        )
+        if not self.extra:
+            return fields
+        return _wire_encoder.encode(self.extra)[:-1] + b"," + fields[1:]
+
+
+class _WireFields(msgspec.Struct, omit_defaults=True):
+    """The fields the server owns, in ``to_wire``'s order (``broadcast``
+    only when true)."""
+
+    id: str
+    user_id: str | None
+    message: str
+    type: str
+    created_at: str
+    read: bool
+    read_at: str | None
+    delivered_at: str | None
+    broadcast: bool = False
+
+
+_wire_encoder = msgspec.json.Encoder()
+_NOTIFICATION_HEAD: Final = b'{"event":"notification","data":'
+
+
+def notification_json(n: Notification) -> bytes:
+    """``encode("notification", n.to_wire())``, byte for byte (see ``wire_json``)."""
+    return _NOTIFICATION_HEAD + n.wire_json() + b"}"
+
 
 def iso_utc(ts: float) -> str:
     """``1700000000.5`` -> ``"2023-11-14T22:13:20.500Z"``.
 
     The same string as ``datetime.fromtimestamp(ts, UTC).isoformat(timespec=
     "milliseconds")`` (rounded to the microsecond, then cut to the millisecond),
-    about four times faster: the seconds part is kept from the previous call.
+    about four times faster: the seconds part is kept from the previous call,
+    and the whole string when ``ts`` is the previous one's (a batch shares it).
     """
+    global _iso_second, _iso_last
+    last = _iso_last
+    if last[0] == ts:
+        return last[1]
     frac, whole = math.modf(ts)
     if ts < 0:
         return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
@@ -283,11 +342,16 @@ def iso_utc(ts: float) -> str:
     second = int(whole)
     cached = _iso_second
     if cached[0] != second:
-        cached[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{cached[1]}.{us // 1000:03d}Z"
+        cached = _iso_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    text = f"{cached[1]}.{us // 1000:03d}Z"
+    _iso_last = (ts, text)
+    return text
 
 
-_iso_second: list[Any] = [None, ""]
+# Replaced whole, never changed in place: a thread reading one sees a
+# consistent pair.
+_iso_second: tuple[int | None, str] = (None, "")
+_iso_last: tuple[float | None, str] = (None, "")
 
 
 def build_notification(
@@ -316,7 +380,7 @@ def build_notification(
         )
     check_shape(payload, max_depth=max_depth, max_fields=max_fields, where="notification")
     message = payload.get("message")
-    if not isinstance(message, str) or not message.strip():
+    if not isinstance(message, str) or not message or message.isspace():
         raise ProtocolError(BAD_REQUEST, "notification.message: required non-empty string")
     ntype = payload.get("type", "info")
     if ntype not in NOTIFICATION_TYPES:
@@ -324,12 +388,13 @@ def build_notification(
             BAD_REQUEST, f"notification.type: must be one of {', '.join(NOTIFICATION_TYPES)}"
         )
     extra: dict[str, Any] = {}
-    for key, value in payload.items():
-        if key in ("message", "type"):
-            continue
-        if key in RESERVED_FIELDS:
-            raise ProtocolError(BAD_REQUEST, f"notification.{key}: is set by the server")
-        extra[key] = value
+    if len(payload) > (2 if "type" in payload else 1):  # more than message and type
+        for key, value in payload.items():
+            if key in _SENDER_FIELDS:
+                continue
+            if key in RESERVED_FIELDS:
+                raise ProtocolError(BAD_REQUEST, f"notification.{key}: is set by the server")
+            extra[key] = value
     return Notification(
         id=notification_id,
         user_id=user_id,
@@ -339,6 +404,9 @@ def build_notification(
         broadcast=broadcast,
         extra=extra,
     )
+
+
+_SENDER_FIELDS: Final = frozenset({"message", "type"})
 
 
 class IdGenerator:
@@ -362,6 +430,15 @@ class IdGenerator:
                 self._last_ms = ms
             seq = next(self._seq) & 0xFFFFFF
             return f"{ms:012x}{seq:06x}{self._node}"
+
+    def take(self, count: int) -> list[str]:
+        """``count`` ids at once (one clock read, one lock): the same
+        millisecond, consecutive sequence numbers."""
+        with self._lock:
+            ms = max(int(time.time() * 1000), self._last_ms)
+            self._last_ms = ms
+            prefix, node = f"{ms:012x}", self._node
+            return [f"{prefix}{next(self._seq) & 0xFFFFFF:06x}{node}" for _ in range(count)]
 
     @staticmethod
     def created_at(notification_id: str) -> float:

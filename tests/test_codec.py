@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtserver.config import DEV_SECRET, ConfigError, load_config, parse_config
+from rtserver.delivery import frame, notification_frame
 from rtserver.protocol import (
     IdGenerator,
+    Notification,
     ProtocolError,
     build_notification,
     check_shape,
@@ -137,10 +139,76 @@ class TestNotifications:
             check_shape([[[1]]], max_depth=2, max_fields=1)
 
     def test_ids_sort_in_creation_order(self) -> None:
-        """IdGenerator ids are unique and sort as they were made."""
+        """IdGenerator ids are unique and sort as they were made, one at a
+        time or taken in batches (one millisecond each), mixed."""
         gen = IdGenerator()
-        ids = [gen() for _ in range(5000)]
-        assert ids == sorted(ids) and len(set(ids)) == 5000 and all(len(i) == 24 for i in ids)
+        ids = [gen() for _ in range(2000)]
+        for _ in range(20):
+            taken = gen.take(150)
+            assert len({IdGenerator.created_at(i) for i in taken}) == 1
+            ids += [*taken, gen()]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids) == 5020
+        assert all(len(i) == 24 for i in ids)
+
+    def test_flat_and_nested_shapes_share_the_width_limit(self) -> None:
+        """The flat-payload shortcut refuses what the full walk refuses."""
+        wide = {f"k{i}": i for i in range(9)}
+        for payload in (wide, {**wide, "nested": {"a": 1}}):
+            with pytest.raises(ProtocolError, match="more than 8 fields"):
+                check_shape(payload, max_depth=4, max_fields=8)
+        with pytest.raises(ProtocolError, match="nested deeper than 0"):
+            check_shape({"a": 1}, max_depth=0, max_fields=8)
+        check_shape({f"k{i}": i for i in range(8)}, max_depth=1, max_fields=8)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    extra=st.dictionaries(
+        st.text().filter(lambda k: k not in {"id", "user_id", "message", "type"}),
+        _json_values,
+        max_size=4,
+    ),
+    message=st.text(min_size=1),
+    ntype=st.sampled_from(["info", "success", "warning", "error"]),
+    user_id=st.none() | st.text(min_size=1),
+    created_at=st.floats(min_value=0, max_value=4e9),
+    read_at=st.none() | st.floats(min_value=0, max_value=4e9),
+    delivered_at=st.none() | st.floats(min_value=0, max_value=4e9),
+    broadcast=st.booleans(),
+)
+def test_notification_frame_is_the_general_encoding(
+    extra: dict,  # type: ignore[type-arg]
+    message: str,
+    ntype: str,
+    user_id: str | None,
+    created_at: float,
+    read_at: float | None,
+    delivered_at: float | None,
+    broadcast: bool,
+) -> None:
+    """The hot path's frame for a notification is byte for byte the one the
+    general encoder makes of ``to_wire()`` (extras first, ``broadcast`` only
+    when true), so clients cannot tell which path a push took."""
+    n = Notification(
+        id="0123456789ab000001abcdef",
+        user_id=user_id,
+        message=message,
+        type=ntype,  # type: ignore[arg-type]
+        created_at=created_at,
+        read=read_at is not None,
+        read_at=read_at,
+        delivered_at=delivered_at,
+        broadcast=broadcast,
+        extra=extra,
+    )
+    assert notification_frame(n) == frame("notification", n.to_wire())
 
 
 class TestConfig:
@@ -201,4 +269,5 @@ def test_iso_utc_matches_datetime(ts: float) -> None:
     """The fast ISO formatter gives exactly datetime's string, at rounding edges too."""
     expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
     assert iso_utc(ts) == expected
+    assert iso_utc(ts) == expected  # the whole string, cached
     assert iso_utc(ts + 1) != expected  # the cached seconds part moves on

@@ -9,8 +9,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from rtserver.protocol import Notification
+from rtserver.stores.base import StoreError
 from rtserver.stores.sqlite import SQLiteStore
 
 from .suite import StoreSuite, note
@@ -81,6 +84,20 @@ class TestSQLiteStore(StoreSuite):
         await asyncio.gather(t, return_exceptions=True)  # the ticker ends before the loop does
         assert seen and all(name.startswith("rtserver-sqlite") for name in seen)
         assert ticks > 1
+
+    async def test_a_stored_id_fails_its_whole_batch(self, store: SQLiteStore) -> None:
+        """Inserts skip SQLite's statement journal (INSERT OR IGNORE); a row
+        that breaks a constraint (an id already stored) still fails its
+        batch as a whole, and the rows stored before it stay as they were."""
+        first = note("d", "first")
+        assert await store.insert_many([first]) == [None]
+        again = Notification(**{**msgspec.structs.asdict(first), "message": "other"})
+        fresh = [note("d", "fresh") for _ in range(3)]
+        errors = await store.insert_many([*fresh, again])
+        assert all(isinstance(e, StoreError) and "UNIQUE" in str(e) for e in errors)
+        assert [n.message for n in await store.history("d")] == ["first"]
+        assert await store.insert_many(fresh) == [None] * 3  # the store goes on
+        assert await store.unread_count("d") == 4
 
     async def test_close_flushes_pending_inserts(self, tmp_path: Path) -> None:
         """Inserts queued when close() starts are written, not dropped."""

@@ -411,6 +411,8 @@ class Hub:
         """Push to the user's sessions. With ``now`` (before the row is
         written) a session without receipts getting it makes the row
         delivered at ``now``; without (after), it is marked delivered later."""
+        if not self.broker.enabled and not self.sessions.view_of_user(user_id):
+            return 0  # nobody to push to: not even a frame to build
         framed = notification_frame(n)
         delivered, plain = self.delivery.notify_user(user_id, framed, n.id)
         if not delivered:

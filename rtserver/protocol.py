@@ -243,8 +243,13 @@ def check_shape(obj: Any, *, max_depth: int, max_fields: int, where: str = "data
                     stack.append((v, depth + 1, f"{path}[{i}]"))
 
 
-class Notification(msgspec.Struct, kw_only=True):
-    """A stored notification. ``extra`` holds every field the sender added."""
+class Notification(msgspec.Struct, kw_only=True, gc=False):
+    """A stored notification. ``extra`` holds every field the sender added.
+
+    Not tracked by the garbage collector (``gc=False``): a notification
+    refers only to strings, numbers and the sender's JSON, never back to
+    itself, and tens of thousands are made per second.
+    """
 
     id: str
     user_id: str | None
@@ -296,7 +301,7 @@ class Notification(msgspec.Struct, kw_only=True):
         return _wire_encoder.encode(self.extra)[:-1] + b"," + fields[1:]
 
 
-class _WireFields(msgspec.Struct, omit_defaults=True):
+class _WireFields(msgspec.Struct, omit_defaults=True, gc=False):
     """The fields the server owns, in ``to_wire``'s order (``broadcast``
     only when true)."""
 

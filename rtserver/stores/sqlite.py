@@ -53,7 +53,7 @@ _CHUNK = 500  # rows per multi-row statement (7 x 500 parameters, under SQLite's
 _MAX_BATCH = 20_000  # rows per transaction at most
 
 
-class _Body(msgspec.Struct):
+class _Body(msgspec.Struct, gc=False):
     message: str
     type: str
     extra: dict[str, Any]

@@ -233,12 +233,10 @@ class Hub:
         payload: Any,
         *,
         broadcast: bool = False,
-        notification_id: str | None = None,
     ) -> Notification:
-        """Validate ``payload`` against the limits; raises ``ProtocolError``.
-        ``notification_id``: one from ``new_id`` (made here when not given)."""
+        """Validate ``payload`` against the limits; raises ``ProtocolError``."""
         limits = self.config.limits
-        nid = notification_id or self.new_id()
+        nid = self.new_id()
         return build_notification(
             payload,
             user_id=user_id,
@@ -305,11 +303,21 @@ class Hub:
         is a ``SendResult``, or the ``StoreError`` that kept that one out."""
         notifications = []
         ids = self.new_id.take(len(items))
+        created_at = IdGenerator.created_at(ids[0]) if ids else 0.0  # the same for all
+        limits = self.config.limits
         for index, (user_id, payload) in enumerate(items):
             try:
                 _check_user_id(user_id)
                 notifications.append(
-                    self.make_notification(user_id, payload, notification_id=ids[index])
+                    build_notification(
+                        payload,
+                        user_id=user_id,
+                        notification_id=ids[index],
+                        created_at=created_at,
+                        max_bytes=limits.max_notification_bytes,
+                        max_depth=limits.max_depth,
+                        max_fields=limits.max_fields,
+                    )
                 )
             except ProtocolError as err:
                 raise ProtocolError(

@@ -159,9 +159,12 @@ class SQLiteStore(Store):
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         # A bigger page cache and fewer checkpoints: a hot index page is then
-        # copied into the database file once per checkpoint, not once per commit.
+        # copied into the database file once per checkpoint, not once per
+        # commit, and the writer waits for a checkpoint's two fsyncs (every
+        # write queued behind it waits too) once per 64 MB of WAL. Measured
+        # against 4,000 pages: HTTP batch publishing 54,000/s instead of 46,000.
         db.execute("PRAGMA cache_size=-32768")
-        db.execute("PRAGMA wal_autocheckpoint=4000")
+        db.execute("PRAGMA wal_autocheckpoint=16000")
         db.executescript(_SCHEMA)
         self._db = db
 

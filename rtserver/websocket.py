@@ -225,7 +225,7 @@ class Server(HTTPServer):
             self._refuse(stream, err, remote_ip)
             return
         key = accept_key(upgrade.headers["sec-websocket-key"])
-        ws = WebSocket(self.endpoint, remote_ip, key, self.path)
+        ws = WebSocket(self.endpoint, remote_ip, key, self.path, sock)
         self.endpoint.hub.spawn(self._connect(sock, ws))
 
     @staticmethod
@@ -258,7 +258,14 @@ class WebSocket(asyncio.Protocol):
 
     _transport: asyncio.Transport  # from connection_made, before anything else
 
-    def __init__(self, endpoint: Endpoint, remote_ip: str, key: bytes, path: str) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        remote_ip: str,
+        key: bytes,
+        path: str,
+        sock: socket.socket,
+    ) -> None:
         self.endpoint = endpoint
         self.remote_ip = remote_ip
         self.close_code: int | None = None
@@ -281,6 +288,11 @@ class WebSocket(asyncio.Protocol):
         self._draining = False  # the handshake is over: input is read and dropped
         self._lost = False
         self._timer: asyncio.TimerHandle | None = None
+        # The transport's own socket: the Connection sends on it directly while
+        # the transport has nothing queued (``Connection._send``), skipping
+        # ``transport.write``'s bookkeeping; once asyncio closes it, a send
+        # fails and the Connection sees the connection is gone.
+        self._sock = sock
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -295,7 +307,7 @@ class WebSocket(asyncio.Protocol):
 
     def _open(self) -> None:
         log_access("GET", self._path, 101, time.perf_counter() - self._started, self.remote_ip)
-        self.conn = self.endpoint.open(self, self.remote_ip, self, None)
+        self.conn = self.endpoint.open(self, self.remote_ip, self, self._sock)
 
     def data_received(self, data: bytes) -> None:
         if self._draining:

@@ -464,12 +464,21 @@ class Hub:
         log.info("broadcast.sent", notification_id=notification.id, delivered=n)
         return n
 
-    def _pushed(self, user_id: str, notification_id: str, framed: bytes) -> None:
+    def _pushed(
+        self, user_id: str, notification_id: str, framed: bytes, *, sent_elsewhere: bool = False
+    ) -> None:
         """After a live push: delivered now if a session without receipts got
-        it, else delivered once a receipts-session confirms."""
+        it, else delivered once a receipts-session confirms.
+
+        ``sent_elsewhere``: another node sent it. That node may still be
+        writing its row (and this node's mark then finds none), so when a
+        session here settles it, the sending node hears so and marks the row
+        itself once written (``settled_elsewhere``)."""
         sessions = [c for c in self.sessions.view_of_user(user_id) if not c.closed]
         if any(not c.receipts for c in sessions):
             self._note_delivered(user_id, notification_id)
+            if sent_elsewhere:
+                self.broker.publish_settled(user_id, [notification_id])
         else:
             self.receipts.expect(user_id, notification_id, framed, {c.session_id for c in sessions})
 
@@ -672,7 +681,7 @@ class Hub:
             exclude_session=exclude_session,
         )
         if n and nid:
-            self._pushed(user_id, nid, framed)
+            self._pushed(user_id, nid, framed, sent_elsewhere=True)
 
     async def cluster_sessions(self, user_id: str | None = None) -> list[dict[str, Any]]:
         """Sessions on every node (this one first), each with its ``node_id``."""

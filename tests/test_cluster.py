@@ -297,3 +297,37 @@ async def test_a_receipt_on_one_node_settles_it_everywhere(tmp_path: Path) -> No
         assert state["delivered"] is True
     finally:
         await cluster.close()
+
+
+async def test_a_plain_session_on_another_node_settles_it(cluster2: Cluster) -> None:
+    """Node 0's only session of the user confirms receipts and stays silent;
+    node 1's session does not confirm receipts, so receiving counts as
+    delivered. Node 1 may mark the row before node 0 has written it (the mark
+    then finds nothing), so it also tells node 0, which marks the row once
+    written: the notification is delivered, and not offered again."""
+    silent = await Client.connect(cluster2.nodes[0].ws)
+    silent.auto_confirm = False
+    await silent.register(await cluster2.token("ivy"), receipts=True)
+    cluster2.clients.append(silent)
+    plain = await cluster2.user(1, "ivy")
+    await settle()
+    ids = []
+    for i in range(20):
+        _, body = await cluster2.http(
+            0, "POST", "/api/notifications/ivy", {"message": str(i)}, role="publisher"
+        )
+        ids.append(body["notification"]["id"])
+    assert [(await plain.next("notification"))["id"] for _ in ids] == ids
+    assert [(await silent.next("notification"))["id"] for _ in ids] == ids
+    deadline = time.monotonic() + 5
+    while True:
+        states = [
+            (await cluster2.http(0, "GET", f"/api/users/ivy/notifications/{nid}"))[1] for nid in ids
+        ]
+        if all(state["delivered"] for state in states) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert [state["delivered"] for state in states] == [True] * len(ids)
+    again = await cluster2.user(0, "ivy")
+    await asyncio.sleep(0.3)
+    assert again.pending() == []  # nothing offered again at the next register

@@ -4,13 +4,17 @@ nx-27017 differs from MongoDB, the tests that depend on it say so."""
 
 from __future__ import annotations
 
+import gc
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
@@ -79,3 +83,26 @@ class NxServer:
             self.proc.kill()
             self.proc.wait(10)
         self.proc = None
+
+
+@pytest.fixture(autouse=True)
+def pymongo_orphan_sockets() -> Iterator[None]:
+    """Collect, after each test, the sockets pymongo itself leaves open.
+
+    pymongo 4.20.1 (the newest release) does not close the socket of a
+    server-monitor check that is cancelled while it connects, as closing a
+    client does (``_async_create_connection`` closes it on OSError and
+    TimeoutError only; PYTHON-5867, fixed upstream in mongodb/mongo-python-driver
+    #2858, not yet released). A reference cycle keeps that socket until a later
+    garbage collection, whose ResourceWarning then fails whichever test happens
+    to be running (about one full run in four here). Reproduced on its own: a
+    client whose first connect hangs (a listener with a full accept queue),
+    closed after 0.5 s, leaves one such socket for the next ``gc.collect()``.
+    Here they are collected at the end of the test that made them, with that
+    one warning ignored; every other warning stays an error. Remove once a
+    pymongo release closes them.
+    """
+    yield
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"unclosed <socket\.socket", ResourceWarning)
+        gc.collect()

@@ -9,7 +9,7 @@ from pathlib import Path
 from rtserver.stores.mongodb import MongoStore
 
 from .conftest import StartServer, make_config
-from .mongo_support import NxServer
+from .mongo_support import NxServer, pymongo_orphan_sockets  # noqa: F401 (autouse)
 
 
 def mongo_config(tmp_path: Path, nx: NxServer, **store: object):  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ import pytest
 from rtserver.config import StoreConfig
 from rtserver.stores.mongodb import MongoStore, from_document, redact, to_document
 
-from ..mongo_support import NxServer
+from ..mongo_support import NxServer, pymongo_orphan_sockets  # noqa: F401 (autouse)
 from .suite import StoreSuite, note
 
 REAL_URI = os.environ.get("RTSERVER_TEST_MONGODB_URI")

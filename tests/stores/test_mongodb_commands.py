@@ -15,6 +15,7 @@ from rtserver.config import StoreConfig
 from rtserver.stores.base import StoreError
 from rtserver.stores.mongodb import MongoStore
 
+from ..mongo_support import pymongo_orphan_sockets  # noqa: F401 (autouse)
 from .suite import note
 
 

@@ -228,11 +228,7 @@ class Hub:
     # -- sending ----------------------------------------------------------
 
     def make_notification(
-        self,
-        user_id: str | None,
-        payload: Any,
-        *,
-        broadcast: bool = False,
+        self, user_id: str | None, payload: Any, *, broadcast: bool = False
     ) -> Notification:
         """Validate ``payload`` against the limits; raises ``ProtocolError``."""
         limits = self.config.limits

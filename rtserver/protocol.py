@@ -282,7 +282,8 @@ class Notification(msgspec.Struct, kw_only=True, gc=False):
     def wire_json(self) -> bytes:
         """``encode_json(self.to_wire())``, byte for byte, about three times
         faster: the server's fields are one Struct, the extras (if any) a dict
-        encoded on its own, and the two are joined."""
+        encoded on its own, and the two are joined. (Extras never hold a
+        field of the server's: ``build_notification`` refuses them.)"""
         fields = _wire_encoder.encode(
             _WireFields(
                 self.id,

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from rtserver.config import DEV_SECRET, ConfigError, load_config, parse_config
 from rtserver.delivery import frame, notification_frame
 from rtserver.protocol import (
+    RESERVED_FIELDS,
     IdGenerator,
     Notification,
     ProtocolError,
@@ -171,7 +172,7 @@ _json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(
     extra=st.dictionaries(
-        st.text().filter(lambda k: k not in {"id", "user_id", "message", "type"}),
+        st.text().filter(lambda k: k not in RESERVED_FIELDS | {"message", "type"}),
         _json_values,
         max_size=4,
     ),

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from rtserver.log import get_logger
 from rtserver.protocol import Notification
 from rtserver.stores.base import MAX_PAGE, Store, StoreError
 
@@ -51,6 +52,10 @@ CREATE INDEX IF NOT EXISTS notifications_read_at
 _COLUMNS = "id, user_id, created_at, read, read_at, delivered_at, body"
 _CHUNK = 500  # rows per multi-row statement (7 x 500 parameters, under SQLite's limit)
 _MAX_BATCH = 20_000  # rows per transaction at most
+#: Rows inserted between two checkpoints (``_write_pending``).
+_CHECKPOINT_ROWS = 10_000
+
+log = get_logger("rtserver.store")
 
 
 class _Body(msgspec.Struct, gc=False):
@@ -95,6 +100,7 @@ class SQLiteStore(Store):
         # caller awaits; a group is always written in one transaction.
         self._pending: list[tuple[list[tuple[Any, ...]], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._unsaved = 0  # rows inserted since the last checkpoint
         # Calls waiting for this loop turn's hand-off to the thread (``_run``).
         self._calls: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
 
@@ -160,11 +166,10 @@ class SQLiteStore(Store):
         db.execute("PRAGMA busy_timeout=5000")
         # A bigger page cache and fewer checkpoints: a hot index page is then
         # copied into the database file once per checkpoint, not once per
-        # commit, and the writer waits for a checkpoint's two fsyncs (every
-        # write queued behind it waits too) once per 64 MB of WAL. Measured
-        # against 4,000 pages: HTTP batch publishing 54,000/s instead of 46,000.
+        # commit. Checkpoints run between writes (``_write_pending``); this
+        # one, at 128 MB of WAL, only backs them up (updates, purges).
         db.execute("PRAGMA cache_size=-32768")
-        db.execute("PRAGMA wal_autocheckpoint=16000")
+        db.execute("PRAGMA wal_autocheckpoint=32000")
         db.executescript(_SCHEMA)
         self._db = db
 
@@ -233,8 +238,28 @@ class SQLiteStore(Store):
                 batch = self._pending[:taken]
                 del self._pending[:taken]
                 await self._write_batch(batch)
+                self._unsaved += size
+                if self._unsaved >= _CHECKPOINT_ROWS:
+                    self._unsaved = 0
+                    await self._checkpoint()
         finally:
             self._writer = None
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database file, once the last write's callers
+        have their answers. Inside a commit (SQLite's automatic checkpoint)
+        the callers waited for it and its two fsyncs, and with every HTTP
+        request waiting on the store the core sat idle; here they are
+        answered and the event loop works while the disk syncs."""
+        try:
+            await self._run(self._wal_checkpoint)
+        except StoreError as err:
+            log.warning("store.checkpoint_failed", backend=self.name, error=str(err))
+
+    @staticmethod
+    def _wal_checkpoint(db: sqlite3.Connection) -> None:
+        # PASSIVE, and complete: no other connection writes or reads.
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     async def _write_batch(
         self, batch: list[tuple[list[tuple[Any, ...]], asyncio.Future[None]]]

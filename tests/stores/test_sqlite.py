@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from rtserver.protocol import Notification
+from rtserver.stores import sqlite as sqlite_store
 from rtserver.stores.base import StoreError
 from rtserver.stores.sqlite import SQLiteStore
 
@@ -98,6 +99,40 @@ class TestSQLiteStore(StoreSuite):
         assert [n.message for n in await store.history("d")] == ["first"]
         assert await store.insert_many(fresh) == [None] * 3  # the store goes on
         assert await store.unread_count("d") == 4
+
+    async def test_checkpoints_wait_until_the_callers_are_answered(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Every ``_CHECKPOINT_ROWS`` inserted rows the WAL is copied into the
+        database file, but only once the callers of the write that crossed
+        the mark have their answer: they never wait for the fsyncs."""
+        monkeypatch.setattr(sqlite_store, "_CHECKPOINT_ROWS", 100)
+        s = SQLiteStore(tmp_path / "c.db")
+        await s.open()
+        empty = s.path.stat().st_size
+        started, release = threading.Event(), threading.Event()
+        real = s._wal_checkpoint
+
+        def held(db: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(10)
+            real(db)
+
+        monkeypatch.setattr(s, "_wal_checkpoint", held)
+        loop = asyncio.get_running_loop()
+        try:
+            written = await asyncio.wait_for(s.insert_many([note("c") for _ in range(150)]), 5)
+            assert written == [None] * 150
+            assert await loop.run_in_executor(None, started.wait, 5)
+            assert s.path.stat().st_size == empty  # every row is still in the WAL
+            writer = s._writer
+            assert writer is not None  # on the held checkpoint
+        finally:
+            release.set()
+        await asyncio.wait_for(writer, 5)
+        assert s.path.stat().st_size > empty
+        assert await s.unread_count("c") == 150
+        await s.close()
 
     async def test_close_flushes_pending_inserts(self, tmp_path: Path) -> None:
         """Inserts queued when close() starts are written, not dropped."""

@@ -90,6 +90,8 @@ def server(
     env = None
     if kind == "rtserver-tornado":  # /ws through Tornado's WebSocketHandler
         env = {**os.environ, "RTBENCH_WEBSOCKET": "tornado"}
+    if kind == "rtserver-unwritten":  # a diagnostic: rows made, never written
+        env = {**os.environ, "RTBENCH_STORE": "unwritten"}
     if kind.startswith("rtserver"):
         data = data or tempfile.mkdtemp(dir=workdir)
         cmd = [
@@ -221,10 +223,14 @@ def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str
         redis.wait()
 
 
-def raw_limit(loadgen: Path, n: int, total: int) -> dict[str, Any]:
+def raw_limit(loadgen: Path, n: int, total: int, *, random_order: bool = False) -> dict[str, Any]:
+    """The core's own limit: a C server send()s pre-built frames, round-robin
+    (as a broadcast goes) or each to a socket picked at random (as per-user
+    sends go; each then lands on a cold socket)."""
     port = free_port()
+    order = ["random"] if random_order else []
     srv = subprocess.Popen(
-        [str(loadgen), "rawserver", str(port), str(n), str(total), "150"],
+        [str(loadgen), "rawserver", str(port), str(n), str(total), "150", *order],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -263,8 +269,10 @@ def connections(loadgen: Path, workdir: Path, n: int, kind: str = "rtserver") ->
         }
 
 
-def per_user(loadgen: Path, workdir: Path, users: int, count: int, batch: int) -> dict[str, Any]:
-    with server("rtserver", workdir) as (port, _):
+def per_user(
+    loadgen: Path, workdir: Path, users: int, count: int, batch: int, kind: str = "rtserver"
+) -> dict[str, Any]:
+    with server(kind, workdir) as (port, _):
         client = ws_clients(loadgen, port, users, token_file(workdir, users), count, "120")
         took = post(port, "/bench/send", {"count": count, "users": users, "batch": batch})[
             "seconds"
@@ -451,8 +459,9 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     if "peruser" in only:
+        count = int(200_000 * scale)
         for batch, how in ((1, "send_notification each"), (500, "send_notifications, 500 a call")):
-            pu = per_user(loadgen, workdir, 10000, int(200_000 * scale), batch)
+            pu = per_user(loadgen, workdir, 10000, count, batch)
             rows.append(
                 (
                     f"per-user sends, 10,000 users, {how} (stored + delivered/s)",
@@ -462,6 +471,20 @@ def main() -> None:
                 )
             )
             print(rows[-1], flush=True)
+        # Where the batched figure's time goes: the same core's raw send() to
+        # random sockets, and the same run with SQLite's writes taken out.
+        raw = raw_limit(loadgen, 10000, 2 * count, random_order=True)
+        unwritten = per_user(loadgen, workdir, 10000, count, 500, "rtserver-unwritten")
+        rows.append(
+            (
+                "  the same, 500 a call, rows not written (a diagnostic, not a mode)",
+                f"{unwritten['rate']:,.0f}",
+                f"stored, {pu['rate'] / unwritten['rate']:.0%} of it; "
+                f"raw send() to random sockets {raw['rate']:,.0f}",
+                f"{unwritten['client_cpu_share']:.0%} / {raw['client_cpu_share']:.0%}",
+            )
+        )
+        print(rows[-1], flush=True)
 
     if "http" in only:
         hp = http_publish(workdir, 4, int(100 * scale) or 10, 500)

@@ -8,10 +8,11 @@
  *       passes. Frames containing "t":<ns> (CLOCK_MONOTONIC of the sender) give
  *       latency samples. Prints one JSON line of results on stdout. Writes
  *       "ready" on stderr once every connection is registered.
- *   loadgen rawserver PORT N FRAMES SIZE
+ *   loadgen rawserver PORT N FRAMES SIZE [random]
  *       The raw send() limit: accept N plain TCP connections, then send FRAMES
  *       pre-built WebSocket frames of SIZE payload bytes round-robin with send(),
- *       and print the rate. The client side (mode rawclient) counts them.
+ *       or each to a socket picked at random (as per-user sends to random users
+ *       go), and print the rate. The client side (mode rawclient) counts them.
  *   loadgen rawclient HOST PORT N EXPECT TIMEOUT_S
  *
  * It reports its own CPU time so the harness can show it is not the bottleneck.
@@ -280,7 +281,7 @@ static int run_client(const char *host, int port, int n, const char *tokenfile, 
     return 0;
 }
 
-static int run_rawserver(int port, int n, long frames, int size) {
+static int run_rawserver(int port, int n, long frames, int size, int random_order) {
     int ls = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -306,9 +307,15 @@ static int run_rawserver(int port, int n, long frames, int size) {
     size_t total = h + size;
     double t0 = now_s(), c0 = cpu_s();
     long sent = 0, dropped = 0;
+    uint64_t rng = 0x9e3779b97f4a7c15ULL; /* xorshift64: the same picks every run */
     for (long r = 0; sent + dropped < frames; r++) {
         for (int i = 0; i < n && sent + dropped < frames; i++) {
-            ssize_t w = send(fds[i], frame, total, MSG_NOSIGNAL);
+            int fd = fds[i];
+            if (random_order) {
+                rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+                fd = fds[rng % (uint64_t)n];
+            }
+            ssize_t w = send(fd, frame, total, MSG_NOSIGNAL);
             if (w == (ssize_t)total) sent++;
             else { /* a full socket: the raw path would queue; count it as a retry */ usleep(0); i--; }
         }
@@ -325,7 +332,8 @@ int main(int argc, char **argv) {
     if (argc >= 7 && !strcmp(argv[1], "rawclient"))
         return run_client(argv[2], atoi(argv[3]), atoi(argv[4]), NULL, atol(argv[5]), atof(argv[6]), 0);
     if (argc >= 6 && !strcmp(argv[1], "rawserver"))
-        return run_rawserver(atoi(argv[2]), atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
+        return run_rawserver(atoi(argv[2]), atoi(argv[3]), atol(argv[4]), atoi(argv[5]),
+                             argc >= 7 && !strcmp(argv[6], "random"));
     fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
     return 2;
 }

@@ -12,12 +12,16 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from rtserver.app import make_app
 from rtserver.config import parse_config
 from rtserver.log import configure_logging
 from rtserver.plugins import Route, hookimpl
+from rtserver.protocol import Notification
+from rtserver.stores.base import StoreError
+from rtserver.stores.sqlite import SQLiteStore, _row
 from rtserver.web import APIHandler
 
 
@@ -72,6 +76,18 @@ class SendLoad(APIHandler):
         self.send({"seconds": time.perf_counter() - t0})
 
 
+class UnwrittenStore(SQLiteStore):
+    """A diagnostic for the per-user figure (``RTBENCH_STORE=unwritten``):
+    rows are made as for SQLite, then dropped instead of written, so the run
+    shows what the delivery path costs without the disk's share. It loses
+    every notification: never a mode of rtserver."""
+
+    async def insert_many(self, notifications: Sequence[Notification]) -> list[StoreError | None]:
+        for n in notifications:
+            _row(n)
+        return [None] * len(notifications)
+
+
 class BenchPlugin:
     @hookimpl
     def rtserver_routes(self, config: Any) -> list[Route]:
@@ -102,7 +118,10 @@ async def main(port: int, data_dir: str, secret: str, redis_url: str | None = No
         }
     )
     configure_logging(config.logging)
-    app = make_app(config, plugins=[("bench", BenchPlugin())])
+    store = None
+    if os.environ.get("RTBENCH_STORE") == "unwritten":
+        store = UnwrittenStore(os.path.join(data_dir, "rtserver.db"))
+    app = make_app(config, store=store, plugins=[("bench", BenchPlugin())])
     await app.startup()
     import gc
 

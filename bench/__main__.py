@@ -119,6 +119,7 @@ def server(
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close()
 
 
 def start_client(loadgen: Path, args: list[str]) -> subprocess.Popen[str]:
@@ -242,6 +243,8 @@ def raw_limit(loadgen: Path, n: int, total: int, *, random_order: bool = False) 
     sent = finish(srv)
     return {
         "rate": sent["rate"],
+        "sent": sent["sent"],
+        "received": received["received"],
         "received_rate": received["rate"],
         "client_cpu_share": received["client_cpu_share"],
     }

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient
@@ -24,13 +25,13 @@ from .rawws import RawWebSocket
 from .test_run import RUN, free_port, wait_http, write_config
 
 
-async def wait_until(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+async def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         await asyncio.sleep(0.02)
-    return predicate()
+    return bool(predicate())
 
 
 async def test_dead_peer_is_reaped_within_interval_plus_timeout(start_server: StartServer) -> None:

@@ -70,7 +70,7 @@ async def test_drop_between_write_and_receipt_loses_nothing(server: Running) -> 
     ]
     for _ in ids:
         await doomed.next("notification")
-    doomed.ws.protocol._abort()  # type: ignore[union-attr]  # the network goes away
+    doomed.ws.protocol._abort()  # the network goes away
     await asyncio.sleep(0.1)
     back = await receipts_client(server, "cy", confirm=True)
     got = [(await back.next("notification"))["id"] for _ in ids]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
-from rtserver.client import ClientError
+from rtserver.client import Client, ClientError
 
 from .conftest import Running, StartServer, hold_writes
 
 
-async def raw_reply(client, text: str) -> dict:  # type: ignore[no-untyped-def]
+async def raw_reply(client: Client, text: str) -> dict[str, Any]:
     await client.send_raw(text)
     return await client.next(timeout=5)
 

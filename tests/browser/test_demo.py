@@ -60,9 +60,8 @@ class LiveServer(ServerProcess):
 
     def send(self, user_id: str, message: str, **extra: Any) -> str:
         token = self.post("/api/test/token", {"user_id": "svc", "role": "publisher"})["token"]
-        return self.post(f"/api/notifications/{user_id}", {"message": message, **extra}, token)[
-            "notification"
-        ]["id"]  # type: ignore[no-any-return]
+        reply = self.post(f"/api/notifications/{user_id}", {"message": message, **extra}, token)
+        return str(reply["notification"]["id"])
 
 
 @pytest.fixture

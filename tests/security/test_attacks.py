@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.netutil import bind_sockets
-from tornado.websocket import websocket_connect
+from tornado.websocket import WebSocketProtocol13, websocket_connect
 
 from rtserver.app import make_app
 from rtserver.client import Client, ClientError
@@ -203,6 +203,7 @@ class TestBadInput:
         client = await server.connect()
         ws = client.ws
         assert ws.protocol is not None
+        assert isinstance(ws.protocol, WebSocketProtocol13)
         ws.protocol._write_frame(True, 0x1, b"\xff\xfe\xfd")  # a text frame, not UTF-8
         await asyncio.wait_for(client.closed.wait(), 5)
         assert (await server.hub.send_notification("other", {"message": "fine"})).delivered == 1
@@ -319,9 +320,9 @@ class TestRateLimits:
         capped = await start_server(limits={"max_connections": 2})
         await capped.connect()
         await capped.connect()
-        with pytest.raises(HTTPClientError) as err:
+        with pytest.raises(HTTPClientError) as refusal:
             await capped.connect()
-        assert err.value.code == 429
+        assert refusal.value.code == 429
 
     async def test_defaults_allow_heavy_legitimate_use(self, server: Running) -> None:
         """Default limits: 25 tabs of one user and a publisher posting 300 quickly all work."""

@@ -6,8 +6,9 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -64,10 +65,12 @@ class TestSQLiteStore(StoreSuite):
         seen: list[str] = []
         original = store._run
 
-        async def spy(fn):  # type: ignore[no-untyped-def]
-            return await original(
-                lambda db: (seen.append(threading.current_thread().name), fn(db))[1]
-            )
+        async def spy(fn: Callable[[sqlite3.Connection], Any]) -> Any:
+            def traced(db: sqlite3.Connection) -> Any:
+                seen.append(threading.current_thread().name)
+                return fn(db)
+
+            return await original(traced)
 
         store._run = spy  # type: ignore[method-assign]
         ticks = 0

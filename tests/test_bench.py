@@ -1,0 +1,42 @@
+"""The benchmark harness itself (``python -m bench``), at toy sizes: it is run by
+hand, so these keep it from rotting. Real processes: the C load generator built
+with gcc, rtserver from ``bench/server.py``, loopback."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import build_loadgen, per_user, raw_limit
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None, reason="gcc builds the load generator (apt-get install gcc)"
+)
+
+
+@pytest.fixture(scope="module")
+def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_loadgen(tmp_path_factory.mktemp("loadgen"))
+
+
+@pytest.mark.parametrize("random_order", [False, True])
+def test_the_raw_limit_counts_every_frame_sent(loadgen: Path, random_order: bool) -> None:
+    result = raw_limit(loadgen, 20, 2_000, random_order=random_order)
+    assert result["sent"] == result["received"] == 2_000
+    assert result["rate"] > 0
+
+
+@pytest.mark.parametrize("kind", ["rtserver", "rtserver-unwritten"])
+def test_per_user_sends_arrive_stored_or_not(loadgen: Path, tmp_path: Path, kind: str) -> None:
+    result = per_user(loadgen, tmp_path, users=50, count=1_000, batch=100, kind=kind)
+    assert result["received"] == 1_000
+    assert result["rate"] > 0
+    # The stored run wrote every row; the diagnostic run wrote none.
+    (db,) = tmp_path.glob("*/rtserver.db")
+    with closing(sqlite3.connect(db)) as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM notifications").fetchone()
+    assert rows == (1_000 if kind == "rtserver" else 0)

@@ -25,6 +25,7 @@ def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("random_order", [False, True])
 def test_the_raw_limit_counts_every_frame_sent(loadgen: Path, random_order: bool) -> None:
+    """The C server sends every frame, round-robin or at random, and the client counts each."""
     result = raw_limit(loadgen, 20, 2_000, random_order=random_order)
     assert result["sent"] == result["received"] == 2_000
     assert result["rate"] > 0
@@ -32,10 +33,10 @@ def test_the_raw_limit_counts_every_frame_sent(loadgen: Path, random_order: bool
 
 @pytest.mark.parametrize("kind", ["rtserver", "rtserver-unwritten"])
 def test_per_user_sends_arrive_stored_or_not(loadgen: Path, tmp_path: Path, kind: str) -> None:
+    """Every per-user send reaches its client; the diagnostic run writes no row."""
     result = per_user(loadgen, tmp_path, users=50, count=1_000, batch=100, kind=kind)
     assert result["received"] == 1_000
     assert result["rate"] > 0
-    # The stored run wrote every row; the diagnostic run wrote none.
     (db,) = tmp_path.glob("*/rtserver.db")
     with closing(sqlite3.connect(db)) as conn:
         (rows,) = conn.execute("SELECT count(*) FROM notifications").fetchone()

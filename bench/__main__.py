@@ -463,8 +463,9 @@ def main() -> None:
 
     if "peruser" in only:
         count = int(200_000 * scale)
+        stored: dict[int, dict[str, Any]] = {}
         for batch, how in ((1, "send_notification each"), (500, "send_notifications, 500 a call")):
-            pu = per_user(loadgen, workdir, 10000, count, batch)
+            pu = stored[batch] = per_user(loadgen, workdir, 10000, count, batch)
             rows.append(
                 (
                     f"per-user sends, 10,000 users, {how} (stored + delivered/s)",
@@ -482,7 +483,7 @@ def main() -> None:
             (
                 "  the same, 500 a call, rows not written (a diagnostic, not a mode)",
                 f"{unwritten['rate']:,.0f}",
-                f"stored, {pu['rate'] / unwritten['rate']:.0%} of it; "
+                f"stored, {stored[500]['rate'] / unwritten['rate']:.0%} of it; "
                 f"raw send() to random sockets {raw['rate']:,.0f}",
                 f"{unwritten['client_cpu_share']:.0%} / {raw['client_cpu_share']:.0%}",
             )

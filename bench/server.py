@@ -13,6 +13,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rtserver.app import make_app
@@ -120,7 +121,7 @@ async def main(port: int, data_dir: str, secret: str, redis_url: str | None = No
     configure_logging(config.logging)
     store = None
     if os.environ.get("RTBENCH_STORE") == "unwritten":
-        store = UnwrittenStore(os.path.join(data_dir, "rtserver.db"))
+        store = UnwrittenStore(Path(config.store.data_dir) / config.store.filename)
     app = make_app(config, store=store, plugins=[("bench", BenchPlugin())])
     await app.startup()
     import gc

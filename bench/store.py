@@ -98,6 +98,27 @@ def check(done: set[asyncio.Task[list[Any]]]) -> None:
             raise RuntimeError(f"the store refused {len(errors)} rows: {errors[0]}")
 
 
+async def fill(store: Store, ids: IdGenerator, held: int) -> None:
+    """``held`` delivered rows over ``USERS`` users: the history a store keeps."""
+    for start in range(0, held, WINDOW):
+        await insert_all(store, calls(ids, min(WINDOW, held - start), delivered=True))
+
+
+def prefill(data_dir: Path, held: int) -> None:
+    """A SQLite store in ``data_dir`` that already holds ``held`` rows, for a
+    server to start on (``python -m bench``'s per-user row with history)."""
+
+    async def run() -> None:
+        store = make(data_dir, None)
+        await store.open()
+        try:
+            await fill(store, IdGenerator(), held)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
 def make(workdir: Path, mongodb_uri: str | None) -> Store:
     if mongodb_uri is None:
         store: dict[str, Any] = {"data_dir": str(workdir), "cleanup_interval": 0}
@@ -126,9 +147,7 @@ async def measure(
     await store.open()
     ids = IdGenerator()
     try:
-        for start in range(0, held, WINDOW):
-            size = min(WINDOW, held - start)
-            await insert_all(store, calls(ids, size, delivered=True))
+        await fill(store, ids, held)
         # The rows are made before the clock starts: that is the hub's work.
         timed = calls(ids, rows, delivered=delivered)
         cpu0, bytes0, t0 = os.times(), written_bytes(), time.perf_counter()

@@ -41,3 +41,13 @@ def test_per_user_sends_arrive_stored_or_not(loadgen: Path, tmp_path: Path, kind
     with closing(sqlite3.connect(db)) as conn:
         (rows,) = conn.execute("SELECT count(*) FROM notifications").fetchone()
     assert rows == (1_000 if kind == "rtserver" else 0)
+
+
+def test_per_user_sends_on_a_store_with_history(loadgen: Path, tmp_path: Path) -> None:
+    """The history row starts the server on the pre-filled file and adds every send to it."""
+    result = per_user(loadgen, tmp_path, users=50, count=1_000, batch=100, held=2_000)
+    assert result["received"] == 1_000
+    (db,) = tmp_path.glob("*/rtserver.db")
+    with closing(sqlite3.connect(db)) as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM notifications").fetchone()
+    assert rows == 3_000

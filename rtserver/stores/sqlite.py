@@ -382,6 +382,20 @@ class SQLiteStore(Store):
         rows = await self._run(lambda db: db.execute(sql, (*params, limit)).fetchall())
         return [_notification(r) for r in rows]
 
+    async def _select_user(
+        self, user_id: str, extra: str, params: tuple[Any, ...], order: str, limit: int
+    ) -> list[Notification]:
+        """A user's rows in id order, read or not. The user index is ordered by
+        id within each read value, so one arm per value, which SQLite merges
+        along the index (``MERGE (UNION ALL)``) and stops at ``limit``: a plain
+        ``WHERE user_id = ? ORDER BY id`` sorts all of the user's rows first."""
+        arm = f"SELECT {_COLUMNS} FROM notifications WHERE user_id = ? AND read = {{}}{extra}"
+        sql = f"{arm.format(0)} UNION ALL {arm.format(1)} ORDER BY id {order} LIMIT ?"
+        limit = max(0, min(limit, MAX_PAGE))
+        args = (user_id, *params, user_id, *params, limit)
+        rows = await self._run(lambda db: db.execute(sql, args).fetchall())
+        return [_notification(r) for r in rows]
+
     async def undelivered(
         self, user_id: str, *, after: str | None = None, limit: int = MAX_PAGE
     ) -> list[Notification]:
@@ -394,7 +408,7 @@ class SQLiteStore(Store):
         )
 
     async def after(self, user_id: str, last_id: str, limit: int = MAX_PAGE) -> list[Notification]:
-        return await self._select("user_id = ? AND id > ?", (user_id, last_id), "id ASC", limit)
+        return await self._select_user(user_id, " AND id > ?", (last_id,), "ASC", limit)
 
     async def history(
         self,
@@ -404,13 +418,12 @@ class SQLiteStore(Store):
         limit: int = 50,
         before: str | None = None,
     ) -> list[Notification]:
-        where, params = "user_id = ?", [user_id]
+        extra, params = ("", ()) if before is None else (" AND id < ?", (before,))
         if unread_only:
-            where += " AND read = 0"
-        if before is not None:
-            where += " AND id < ?"
-            params.append(before)
-        return await self._select(where, tuple(params), "id DESC", limit)
+            return await self._select(
+                "user_id = ? AND read = 0" + extra, (user_id, *params), "id DESC", limit
+            )
+        return await self._select_user(user_id, extra, params, "DESC", limit)
 
     async def get(self, user_id: str, notification_id: str) -> Notification | None:
         found = await self._select(

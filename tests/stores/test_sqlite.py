@@ -93,6 +93,35 @@ class TestSQLiteStore(StoreSuite):
                 steps[user] = counted
             assert steps["long"] <= 2 * steps["short"] + 2, (name, steps)
 
+    async def test_purge_lets_writes_in_between_its_steps(
+        self, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A purge deletes ``_PURGE_CHUNK`` rows at a time, so a write made while
+        it runs is answered before it ends; every expired row still goes, of
+        both kinds, and nothing else does."""
+        monkeypatch.setattr(sqlite_store, "_PURGE_CHUNK", 100)
+        now = time.time()
+        old = [note("p", "old", created_at=now - 1_000) for _ in range(1_050)]
+        read = [note("p", "read") for _ in range(230)]
+        assert await store.insert_many([*old, *read]) == [None] * 1_280
+        await store.mark_read("p", [n.id for n in read], now - 200)
+        order: list[str] = []
+
+        async def purge() -> int:
+            removed = await store.purge(now, retention=500, read_retention=100)
+            order.append("purge")
+            return removed
+
+        async def write() -> None:
+            await asyncio.sleep(0)  # once the purge's first step is on its way
+            await store.insert(note("p", "new"))
+            order.append("write")
+
+        removed, _ = await asyncio.gather(purge(), write())
+        assert removed == 1_280
+        assert order == ["write", "purge"]
+        assert [n.message for n in await store.history("p")] == ["new"]
+
     async def test_sql_runs_off_the_ioloop(self, store: SQLiteStore) -> None:
         """Store work happens on the store's own thread, so the loop keeps turning."""
         seen: list[str] = []

@@ -368,7 +368,7 @@ class SQLiteStore(Store):
         call to the store's thread, so the writes queued meanwhile go in
         between. One DELETE for a million expired rows held the thread (and
         every write behind it) for 4.5 s and grew the WAL by 286 MB; in steps
-        a write waits 50 ms at most, and the purge takes twice as long."""
+        a write waited 60 ms at most, and the purge took twice as long."""
         cutoffs = [("created_at < ?", now - retention)]
         if read_retention is not None:
             cutoffs.append(("read_at IS NOT NULL AND read_at < ?", now - read_retention))

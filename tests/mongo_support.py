@@ -1,11 +1,11 @@
 """A real MongoDB wire-protocol server for tests: nx-27017 (PyPI), which keeps
-its data in SQLite. No MongoDB server exists on these machines; where
-nx-27017 differs from MongoDB, the tests that depend on it say so."""
+its data in SQLite, started through ``nx_shim.py`` (one fix to its SQLite layer,
+explained there). No MongoDB server exists on these machines; where nx-27017
+differs from MongoDB, the tests that depend on it say so."""
 
 from __future__ import annotations
 
 import gc
-import shutil
 import socket
 import subprocess
 import sys
@@ -40,10 +40,9 @@ class NxServer:
         return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
 
     def command(self) -> list[str]:
-        exe = shutil.which("nx-27017")
-        base = [exe] if exe else [sys.executable, "-m", "nx_27017.nx_27017"]
         return [
-            *base,
+            sys.executable,
+            str(Path(__file__).with_name("nx_shim.py")),  # nx-27017, one fix (see there)
             "--db",
             str(self.workdir / "nx.db"),
             "--host",

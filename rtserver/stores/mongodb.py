@@ -6,15 +6,17 @@ that already landed is recognised by its duplicate key). ``created_at`` and
 
 Indexes (created idempotently at ``open``; see docs/operations.md):
 
-- ``user_read_created``: ``{user_id: 1, read: 1, created_at: -1}``: unread lists,
-  unread counts and history;
-- ``user_undelivered``: ``{user_id: 1, created_at: 1}``, partial on
+- ``user_read_id``: ``{user_id: 1, read: 1, _id: -1}``: unread lists, unread
+  counts and history, in id order;
+- ``user_undelivered_id``: ``{user_id: 1, _id: 1}``, partial on
   ``{delivered: false}``: offline delivery;
 - ``created_ttl``: ``{created_at: 1}``, ``expireAfterSeconds`` = retention;
 - ``read_ttl``: ``{read_at: 1}``, ``expireAfterSeconds`` = read retention (only
   read notifications have ``read_at``, so unread ones never expire early).
 
 A changed retention is applied with ``collMod``, not by failing at start-up.
+Indexes made by earlier versions (``user_read_created``, ``user_undelivered``)
+are dropped once their replacements exist.
 
 Resilience: when MongoDB cannot be reached (at start-up or later) inserts go to
 a bounded in-memory buffer and a background task retries with exponential
@@ -100,14 +102,19 @@ def from_document(doc: Mapping[str, Any]) -> Notification:
     )
 
 
-# Ids begin with their creation millisecond, so (created_at, _id) orders as
-# _id does: "_id < before" pages exactly, ties within a millisecond included.
-NEWEST_FIRST = [("created_at", -1), ("_id", -1)]
-OLDEST_FIRST = [("created_at", 1), ("_id", 1)]
-# Naming both values of the index's second key lets MongoDB walk
-# user_read_created for a user's whole history (merging the two ranges in
-# created_at order) instead of sorting in memory.
+# Pages are in id order, as on SQLite: ids begin with their creation
+# millisecond, and "_id < before" pages exactly, ties within a millisecond
+# included. The indexes end in _id so that MongoDB reads a page along them; a
+# sort on a key the index lacks is a blocking sort of every matching document.
+NEWEST_FIRST = [("_id", -1)]
+OLDEST_FIRST = [("_id", 1)]
+# Naming both values of the index's second key lets MongoDB walk user_read_id
+# for a user's whole history (merging the two ranges in _id order, SORT_MERGE)
+# instead of sorting in memory.
 ANY_READ = {"$in": [False, True]}
+# Made by earlier versions, whose pages sorted on created_at then _id; the
+# second key was not in them, so every page sorted all of a user's documents.
+OBSOLETE_INDEXES = ("user_read_created", "user_undelivered")
 
 
 class MongoStore(Store):
@@ -145,10 +152,10 @@ class MongoStore(Store):
         """Create the indexes, or bring TTLs in line with the config (collMod)."""
         cfg = self.config
         wanted: list[tuple[str, list[tuple[str, int]], dict[str, Any]]] = [
-            ("user_read_created", [("user_id", 1), ("read", 1), ("created_at", -1)], {}),
+            ("user_read_id", [("user_id", 1), ("read", 1), ("_id", -1)], {}),
             (
-                "user_undelivered",
-                [("user_id", 1), ("created_at", 1)],
+                "user_undelivered_id",
+                [("user_id", 1), ("_id", 1)],
                 {"partialFilterExpression": {"delivered": False}},
             ),
             (
@@ -178,6 +185,11 @@ class MongoStore(Store):
                     index={"keyPattern": dict(keys), "expireAfterSeconds": ttl},
                 )
                 log.info("store.ttl_changed", index=name, seconds=ttl)
+        # The replacements exist now; an index no query uses only costs writes.
+        for ix in existing.values():
+            if ix.get("name") in OBSOLETE_INDEXES:
+                await self._coll.drop_index(ix["name"])
+                log.info("store.index_dropped", index=ix["name"], replaced=True)
         self._indexes_ready = True
 
     async def close(self) -> None:

@@ -22,7 +22,15 @@ from pathlib import Path
 import pytest
 
 from rtserver.config import StoreConfig
-from rtserver.stores.mongodb import MongoStore, from_document, redact, to_document
+from rtserver.stores.mongodb import (
+    ANY_READ,
+    NEWEST_FIRST,
+    OLDEST_FIRST,
+    MongoStore,
+    from_document,
+    redact,
+    to_document,
+)
 
 from ..mongo_support import NxServer, pymongo_orphan_sockets  # noqa: F401 (autouse)
 from .suite import StoreSuite, note
@@ -51,6 +59,16 @@ def store_config(uri: str, **overrides: object) -> StoreConfig:
     return StoreConfig(**values)  # type: ignore[arg-type]
 
 
+def stages(plan: object) -> set[str]:
+    """Every stage named in an explain plan, however nested (classic or SBE)."""
+    if isinstance(plan, dict):
+        found = {plan["stage"]} if isinstance(plan.get("stage"), str) else set()
+        return found.union(*(stages(v) for v in plan.values()))
+    if isinstance(plan, list):
+        return set().union(*(stages(v) for v in plan))
+    return set()
+
+
 class TestMongoStoreOnNx(StoreSuite):
     @pytest.fixture
     async def store(self, nx: NxServer) -> AsyncIterator[MongoStore]:
@@ -69,7 +87,7 @@ class TestMongoStoreOnNx(StoreSuite):
             await s.open()
             keys = [list(ix["key"]) async for ix in await s._coll.list_indexes()]
             await s.close()
-        assert ["user_id", "read", "created_at"] in keys
+        assert ["user_id", "read", "_id"] in keys and ["user_id", "_id"] in keys
         assert ["created_at"] in keys and ["read_at"] in keys
         assert len(keys) == 5  # _id plus our four
 
@@ -169,22 +187,26 @@ class TestMongoStoreOnRealMongoDB(StoreSuite):
         await s._client.drop_database(s.config.database)
         await s.close()
 
-    async def test_queries_use_the_compound_index(self, store: MongoStore) -> None:
-        """explain: unread lists, counts and history use user_read_created."""
+    async def test_pages_are_read_along_the_indexes(self, store: MongoStore) -> None:
+        """explain: unread lists, history and offline delivery use their index
+        and no blocking SORT stage (full history is a SORT_MERGE of the two
+        read values)."""
         for _ in range(3):
             await store.insert(note("ex"))
-        plans = [
-            await store._coll.find({"user_id": "ex", "read": False})
-            .sort([("created_at", -1), ("_id", -1)])
-            .limit(5)
-            .explain(),
-            await store._coll.find({"user_id": "ex", "read": {"$in": [False, True]}})
-            .sort([("created_at", -1), ("_id", -1)])
-            .limit(5)
-            .explain(),
+        finds = [
+            ({"user_id": "ex", "read": False}, NEWEST_FIRST, "user_read_id"),
+            ({"user_id": "ex", "read": ANY_READ}, NEWEST_FIRST, "user_read_id"),
+            (
+                {"user_id": "ex", "read": ANY_READ, "_id": {"$gt": "0"}},
+                OLDEST_FIRST,
+                "user_read_id",
+            ),
+            ({"user_id": "ex", "delivered": False}, OLDEST_FIRST, "user_undelivered_id"),
         ]
-        for plan in plans:
-            assert "user_read_created" in str(plan["queryPlanner"]["winningPlan"])
+        for query, sort, index in finds:
+            plan = (await store._coll.find(query).sort(sort).limit(5).explain())["queryPlanner"]
+            assert index in str(plan["winningPlan"]), (query, plan)
+            assert "SORT" not in stages(plan["winningPlan"]), (query, plan)
 
     async def test_ttl_monitor_removes_expired(self) -> None:
         """A real TTL index removes expired documents (the monitor runs about every 60 s)."""

@@ -66,8 +66,8 @@ def command(request: Request) -> dict[str, Any]:
 # What listIndexes answers once the store's four indexes exist (30-day and
 # 7-day retention).
 EXISTING_INDEXES = (
-    {"v": 2, "key": {"user_id": 1, "read": 1, "created_at": -1}, "name": "user_read_created"},
-    {"v": 2, "key": {"user_id": 1, "created_at": 1}, "name": "user_undelivered"},
+    {"v": 2, "key": {"user_id": 1, "read": 1, "_id": -1}, "name": "user_read_id"},
+    {"v": 2, "key": {"user_id": 1, "_id": 1}, "name": "user_undelivered_id"},
     {"v": 2, "key": {"created_at": 1}, "name": "created_ttl", "expireAfterSeconds": 30 * 86400},
     {"v": 2, "key": {"read_at": 1}, "name": "read_ttl", "expireAfterSeconds": 7 * 86400},
 )
@@ -107,17 +107,15 @@ async def test_open_creates_the_indexes_exactly(mock: MockupDB) -> None:
     assert created == [
         {
             "createIndexes": "notifications",
-            "indexes": [
-                {"name": "user_read_created", "key": {"user_id": 1, "read": 1, "created_at": -1}}
-            ],
+            "indexes": [{"name": "user_read_id", "key": {"user_id": 1, "read": 1, "_id": -1}}],
         },
         {
             "createIndexes": "notifications",
             "indexes": [
                 {
-                    "name": "user_undelivered",
+                    "name": "user_undelivered_id",
                     "partialFilterExpression": {"delivered": False},
-                    "key": {"user_id": 1, "created_at": 1},
+                    "key": {"user_id": 1, "_id": 1},
                 }
             ],
         },
@@ -135,8 +133,44 @@ async def test_open_creates_the_indexes_exactly(mock: MockupDB) -> None:
     assert list(created[0]["indexes"][0]["key"].items()) == [
         ("user_id", 1),
         ("read", 1),
-        ("created_at", -1),
+        ("_id", -1),
     ]
+
+
+async def test_open_replaces_the_indexes_of_earlier_versions(mock: MockupDB) -> None:
+    """Indexes whose pages sorted on created_at are dropped once the _id ones exist."""
+    store = MongoStore(config(mock.uri))
+    task = asyncio.ensure_future(store.open())
+    (await receive(mock)).replies(
+        cursor(
+            {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+            {
+                "v": 2,
+                "key": {"user_id": 1, "read": 1, "created_at": -1},
+                "name": "user_read_created",
+            },
+            {"v": 2, "key": {"user_id": 1, "created_at": 1}, "name": "user_undelivered"},
+            *EXISTING_INDEXES[2:],
+        )
+    )
+    sent = []
+    for _ in range(4):
+        request = await receive(mock)
+        sent.append(command(request))
+        request.ok()
+    await task
+    await store._client.close()
+    assert [next(iter(cmd.items())) for cmd in sent] == [
+        ("createIndexes", "notifications"),
+        ("createIndexes", "notifications"),
+        ("dropIndexes", "notifications"),
+        ("dropIndexes", "notifications"),
+    ]
+    assert [cmd["indexes"][0]["name"] for cmd in sent[:2]] == [
+        "user_read_id",
+        "user_undelivered_id",
+    ]
+    assert [cmd["index"] for cmd in sent[2:]] == ["user_read_created", "user_undelivered"]
 
 
 async def test_changed_retention_uses_collmod(mock: MockupDB) -> None:
@@ -161,7 +195,7 @@ async def test_unread_history_find(opened: MongoStore, mock: MockupDB) -> None:
     assert command(request) == {
         "find": "notifications",
         "filter": {"user_id": "u", "read": False, "_id": {"$lt": "01a2"}},
-        "sort": {"created_at": -1, "_id": -1},
+        "sort": {"_id": -1},
         "limit": 20,
     }
     request.replies(cursor())
@@ -211,7 +245,7 @@ async def test_offline_delivery_find(opened: MongoStore, mock: MockupDB) -> None
     assert command(request) == {
         "find": "notifications",
         "filter": {"user_id": "u", "delivered": False, "_id": {"$gt": "x"}},
-        "sort": {"created_at": 1, "_id": 1},
+        "sort": {"_id": 1},
         "limit": 100,
     }
     request.replies(cursor())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from rtserver.hub import Hub
 from rtserver.log import configure_logging
 from rtserver.protocol import Notification
 from rtserver.stores.base import StoreError
+
+from .mongo_support import NxServer
 
 SECRET = "test-secret-0123456789-0123456789-abcdef"
 
@@ -167,3 +169,12 @@ async def server(start_server: StartServer) -> Running:
 
 def replace_section(config: Config, section: str, **values: Any) -> Config:
     return config.replace(**{section: msgspec.structs.replace(getattr(config, section), **values)})
+
+
+@pytest.fixture(scope="module")
+def nx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NxServer]:
+    """One nx-27017 (a MongoDB wire-protocol server) for a test module."""
+    server = NxServer(tmp_path_factory.mktemp("nx"))
+    server.start()
+    yield server
+    server.stop()

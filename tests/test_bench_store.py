@@ -7,7 +7,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -17,14 +16,6 @@ from pymongo import MongoClient
 from bench.store import measure
 
 from .mongo_support import NxServer, pymongo_orphan_sockets  # noqa: F401 (autouse)
-
-
-@pytest.fixture(scope="module")
-def nx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NxServer]:
-    server = NxServer(tmp_path_factory.mktemp("nx"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("delivered", [True, False])

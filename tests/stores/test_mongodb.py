@@ -16,7 +16,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -36,14 +36,6 @@ from ..mongo_support import NxServer, pymongo_orphan_sockets  # noqa: F401 (auto
 from .suite import StoreSuite, note
 
 REAL_URI = os.environ.get("RTSERVER_TEST_MONGODB_URI")
-
-
-@pytest.fixture(scope="module")
-def nx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NxServer]:
-    server = NxServer(tmp_path_factory.mktemp("nx"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def store_config(uri: str, **overrides: object) -> StoreConfig:

@@ -46,6 +46,16 @@ async def receive(server: MockupDB) -> Request:
     return request
 
 
+async def answer_ok(server: MockupDB, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` commands, each answered ``ok``."""
+    commands = []
+    for _ in range(count):
+        request = await receive(server)
+        commands.append(command(request))
+        request.ok()
+    return commands
+
+
 def command(request: Request) -> dict[str, Any]:
     """The command document without driver bookkeeping, as plain dicts."""
 
@@ -97,11 +107,7 @@ async def test_open_creates_the_indexes_exactly(mock: MockupDB) -> None:
     listing = await receive(mock)
     assert command(listing) == {"listIndexes": "notifications", "cursor": {}}
     listing.replies(cursor({"v": 2, "key": {"_id": 1}, "name": "_id_"}))
-    created = []
-    for _ in range(4):
-        request = await receive(mock)
-        created.append(command(request))
-        request.ok()
+    created = await answer_ok(mock, 4)
     await task
     await store._client.close()
     assert created == [
@@ -153,11 +159,7 @@ async def test_open_replaces_the_indexes_of_earlier_versions(mock: MockupDB) -> 
             *EXISTING_INDEXES[2:],
         )
     )
-    sent = []
-    for _ in range(4):
-        request = await receive(mock)
-        sent.append(command(request))
-        request.ok()
+    sent = await answer_ok(mock, 4)
     await task
     await store._client.close()
     assert [next(iter(cmd.items())) for cmd in sent] == [

@@ -387,13 +387,15 @@ class SQLiteStore(Store):
 
     # -- reads ------------------------------------------------------------
 
+    async def _fetch(self, sql: str, args: tuple[Any, ...]) -> list[Notification]:
+        rows = await self._run(lambda db: db.execute(sql, args).fetchall())
+        return [_notification(r) for r in rows]
+
     async def _select(
         self, where: str, params: tuple[Any, ...], order: str, limit: int
     ) -> list[Notification]:
         sql = f"SELECT {_COLUMNS} FROM notifications WHERE {where} ORDER BY {order} LIMIT ?"
-        limit = max(0, min(limit, MAX_PAGE))
-        rows = await self._run(lambda db: db.execute(sql, (*params, limit)).fetchall())
-        return [_notification(r) for r in rows]
+        return await self._fetch(sql, (*params, max(0, min(limit, MAX_PAGE))))
 
     async def _select_user(
         self, user_id: str, extra: str, params: tuple[Any, ...], order: str, limit: int
@@ -405,9 +407,7 @@ class SQLiteStore(Store):
         arm = f"SELECT {_COLUMNS} FROM notifications WHERE user_id = ? AND read = {{}}{extra}"
         sql = f"{arm.format(0)} UNION ALL {arm.format(1)} ORDER BY id {order} LIMIT ?"
         limit = max(0, min(limit, MAX_PAGE))
-        args = (user_id, *params, user_id, *params, limit)
-        rows = await self._run(lambda db: db.execute(sql, args).fetchall())
-        return [_notification(r) for r in rows]
+        return await self._fetch(sql, (user_id, *params, user_id, *params, limit))
 
     async def undelivered(
         self, user_id: str, *, after: str | None = None, limit: int = MAX_PAGE

@@ -105,6 +105,7 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shutting_down = False
         self._periodic: list[PeriodicCallback] = []
+        self._jobs: set[asyncio.Task[Any]] = set()  # periodic runs going now
         self._delivered: list[tuple[str, str, Connection | None]] = []
         self.receipts = ReceiptTable()
         self._inflight: dict[str, set[str]] = {}
@@ -153,9 +154,18 @@ class Hub:
         pc.start()
         self._periodic.append(pc)
 
-    def _every(self, seconds: float, job: Any) -> None:
+    def _every(self, seconds: float, job: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``job`` every ``seconds``, one run at a time: a tick that finds
+        the last run going (a purge of a big backlog can outlast the
+        interval) is skipped. ``stop`` cancels a run still going."""
+        running: asyncio.Task[Any] | None = None
+
         def tick() -> None:
-            self.spawn(job())
+            nonlocal running
+            if running is None or running.done():
+                running = self.spawn(job())
+                self._jobs.add(running)
+                running.add_done_callback(self._jobs.discard)
 
         pc = PeriodicCallback(tick, seconds * 1000)
         pc.start()
@@ -167,6 +177,9 @@ class Hub:
         for pc in self._periodic:
             pc.stop()
         self._periodic.clear()
+        # A purge stops between two of its steps (each is committed on its own).
+        for job in list(self._jobs):
+            job.cancel()
         if self._turn_batch is not None:
             self._close_turn_batch(self._turn_batch)
         if self._tasks:

@@ -18,6 +18,7 @@ from rtserver.stores import sqlite as sqlite_store
 from rtserver.stores.base import StoreError
 from rtserver.stores.sqlite import SQLiteStore
 
+from ..conftest import StartServer
 from .suite import StoreSuite, note
 
 
@@ -223,3 +224,46 @@ async def test_retention_cleanup_runs_periodically(start_server) -> None:  # typ
             break
         await asyncio.sleep(0.02)
     assert await srv.hub.store.get("old", old.id) is None
+
+
+async def test_a_long_purge_is_not_started_twice_and_stops_with_the_server(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cleanup that outlasts its interval is not started again on the next
+    ticks, and stopping the server cancels it between two steps, each of
+    which stays committed."""
+    monkeypatch.setattr(sqlite_store, "_PURGE_CHUNK", 10)
+    calls = 0
+    purge, step = SQLiteStore.purge, SQLiteStore._run
+
+    async def counted(
+        self: SQLiteStore, now: float, retention: float, read_retention: float | None
+    ) -> int:
+        nonlocal calls
+        calls += 1
+        return await purge(self, now, retention, read_retention)
+
+    async def slow_step(self: SQLiteStore, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        await asyncio.sleep(0.01)  # each step outlasts the cleanup interval
+        return await step(self, fn)
+
+    monkeypatch.setattr(SQLiteStore, "purge", counted)
+    monkeypatch.setattr(SQLiteStore, "_run", slow_step)
+    srv = await start_server(store={"cleanup_interval": 0.01, "retention_days": 1})
+    store = srv.hub.store
+    assert isinstance(store, SQLiteStore)
+    old = [note("old", created_at=time.time() - 3 * 86400) for _ in range(400)]
+    assert await store.insert_many(old) == [None] * 400
+    for _ in range(200):
+        if len(await store.history("old", limit=500)) < 400:
+            break
+    assert 0 < len(await store.history("old", limit=500)) < 400  # under way
+    await asyncio.sleep(0.1)  # ten ticks
+    assert calls == 1  # and no second purge
+    await srv.stop()
+    monkeypatch.undo()
+    reopened = SQLiteStore(store.path)
+    await reopened.open()
+    left = len(await reopened.history("old", limit=500))
+    await reopened.close()
+    assert 0 < left < 400  # stopped part way, the steps before it kept

@@ -75,10 +75,13 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: connection; 10,000 keeps each young pass short (about a millisecond)
     #: and full passes rare, while cyclic garbage is still reclaimed.
     gc_thresholds: tuple[int, int, int] = (10_000, 10, 10)
-    #: Write coalescing: frames for one client wait this many event-loop turns
-    #: and go out as one write (an idle loop turns in microseconds; a busy one
-    #: gathers several broadcasts per client). 0 writes every frame at once.
-    coalesce_turns: int = 8
+    #: Write coalescing: frames for one client wait until an event-loop turn
+    #: writes nothing new (an idle loop turns in microseconds), and while every
+    #: turn does (a loop at capacity) for at most this many turns and
+    #: ``coalesce_max_delay`` seconds, then go out as one write. 0 turns
+    #: writes every frame at once.
+    coalesce_turns: int = 32
+    coalesce_max_delay: float = 0.1
     #: Who speaks WebSocket on plain TCP: "rtserver" (its own RFC 6455 code,
     #: several times cheaper per accepted connection) or "tornado" (Tornado's
     #: WebSocketHandler, which always serves TLS and unusual upgrades).
@@ -281,6 +284,8 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {name}: must be positive")
     if not 0 <= config.server.coalesce_turns <= 1000:
         raise ConfigError(f"{source}: server.coalesce_turns: an integer from 0 to 1000")
+    if not 0 < config.server.coalesce_max_delay <= 10:
+        raise ConfigError(f"{source}: server.coalesce_max_delay: seconds, over 0 and at most 10")
     if min(config.server.gc_thresholds) < 1:
         raise ConfigError(
             f"{source}: server.gc_thresholds: three positive integers (0 would disable collection)"

@@ -38,10 +38,11 @@ class Delivery:
         broker: LocalBroker | None = None,
         *,
         coalesce_turns: int = 0,
+        coalesce_max_delay: float = 0.1,
     ) -> None:
         self.sessions = sessions
         #: Connections write through it (``Connection(..., outbox=)``).
-        self.outbox = Outbox(coalesce_turns)
+        self.outbox = Outbox(coalesce_turns, coalesce_max_delay)
         self.metrics = metrics
         self.broker = broker or LocalBroker()
         self._frames = metrics.frames_out.inc

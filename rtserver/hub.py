@@ -95,8 +95,13 @@ class Hub:
         self.metrics = Metrics()
         self.sessions = SessionRegistry()
         self.broker = make_broker(config.broker)
+        server = config.server
         self.delivery = Delivery(
-            self.sessions, self.metrics, self.broker, coalesce_turns=config.server.coalesce_turns
+            self.sessions,
+            self.metrics,
+            self.broker,
+            coalesce_turns=server.coalesce_turns,
+            coalesce_max_delay=server.coalesce_max_delay,
         )
         self.auth = Authenticator(config.auth)
         self.limits = RateLimits(config.limits, self.metrics)

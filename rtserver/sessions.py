@@ -47,38 +47,46 @@ class Transport(Protocol):
 
 class Outbox:
     """Write coalescing: frames written to a connection wait in its pending
-    list and go out together, one ``send()`` for all, at the first loop turn
-    that writes nothing new (the burst is over), or after ``turns`` turns of a
-    burst that goes on.
+    list and go out together, one ``send()`` for all, once a loop turn has
+    written nothing new (the burst is over), or once a burst that goes on has
+    lasted ``turns`` turns or ``max_delay`` seconds, whichever comes first.
 
     On loopback most of a small write's cost is the kernel's (the TCP transmit
     and waking the reader), so a server broadcasting in every turn sends each
-    client one write for several frames, while a lone push goes out in the
-    next turn (microseconds later). The wait is counted in loop turns, never
-    in time. Frames of one connection keep their order, and nothing is held
-    across a close (``Connection.close`` flushes first).
+    client one write for several frames, while a lone push goes out two turns
+    later (microseconds, on an idle loop). Only a loop that is busy in every turn
+    holds frames longer, and that is when sharing a write matters: the
+    server's capacity, not the wait, then sets how late frames are. Frames of
+    one connection keep their order, and nothing is held across a close
+    (``Connection.close`` flushes first).
     """
 
-    def __init__(self, turns: int) -> None:
+    def __init__(self, turns: int, max_delay: float = 0.1) -> None:
         self.turns = turns
+        self.max_delay = max_delay
         #: Frames written so far, and the socket writes that carried them.
         self.writes = 0
         self.sends = 0
         self._seen = 0
         self._left = 0
+        self._deadline = 0.0
         self._dirty: list[Connection] = []
 
     def add(self, conn: Connection) -> None:
         """``conn`` has pending frames (called at its first since a flush)."""
         if not self._dirty:
             self._left = self.turns
-            self._seen = self.writes
+            # The count before this turn's first write: the first tick then
+            # sees this turn's writes and waits a turn more, so a burst of
+            # frames to one connection, one a turn, is coalesced too.
+            self._seen = self.writes - 1
+            self._deadline = time.monotonic() + self.max_delay
             asyncio.get_running_loop().call_soon(self._tick)
         self._dirty.append(conn)
 
     def _tick(self) -> None:
         self._left -= 1
-        if self._left > 0 and self.writes != self._seen:
+        if self._left > 0 and self.writes != self._seen and time.monotonic() < self._deadline:
             self._seen = self.writes
             asyncio.get_running_loop().call_soon(self._tick)
         else:

@@ -240,6 +240,7 @@ class TestConfig:
             ({"server": {"gc_thresholds": [0, 10, 10]}}, "server.gc_thresholds: three positive"),
             ({"server": {"gc_thresholds": [700, 10]}}, "server.gc_thresholds: expected `array`"),
             ({"server": {"coalesce_turns": -1}}, "server.coalesce_turns: an integer from 0"),
+            ({"server": {"coalesce_max_delay": 0}}, "server.coalesce_max_delay: seconds, over 0"),
             (
                 {"auth": {"secret": "${RTSERVER_TEST_UNSET_VAR}"}},
                 "auth.secret: environment variable RTSERVER_TEST_UNSET_VAR is not set",

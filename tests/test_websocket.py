@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -272,6 +273,34 @@ class TestWriteCoalescing:
             assert got == [f"m{i}" for i in range(5)]
         after = server.hub.get_connection_metrics()["socket_writes_total"]
         assert after - before == writes
+
+    async def test_a_long_burst_is_flushed_at_the_time_bound(
+        self, start_server: StartServer
+    ) -> None:
+        """A loop busy in every turn (each at least 1 ms here) holds frames for
+        at most coalesce_max_delay (50 ms), however many turns coalesce_turns
+        allows: the first frame arrives while the burst still goes on."""
+        server = await start_server(server={"coalesce_turns": 1000, "coalesce_max_delay": 0.05})
+        client = await server.user("u1", receipts=False)
+        await server.replays_done()
+        before = server.hub.get_connection_metrics()["socket_writes_total"]
+        first = asyncio.ensure_future(client.next("notification"))
+        turns = 0
+        while not first.done() and turns < 1000:
+            await server.hub.send_broadcast_notification({"message": f"m{turns}"})
+            busy_until = time.perf_counter() + 0.001
+            while time.perf_counter() < busy_until:
+                pass  # a turn busy for 1 ms
+            turns += 1
+            await asyncio.sleep(0)
+        assert first.done() and first.result()["message"] == "m0"
+        # Held while the burst went on (so several frames shared the write),
+        # flushed at 50 ms: about 50 turns of at least 1 ms, far from 1,000.
+        assert 2 <= turns <= 150
+        for i in range(1, turns):
+            assert (await client.next("notification"))["message"] == f"m{i}"
+        writes = server.hub.get_connection_metrics()["socket_writes_total"] - before
+        assert writes < turns / 2
 
     async def test_a_close_sends_what_was_written_before_it(self, server: Running) -> None:
         """A push and a close in the same loop turn: the push arrives, then the close."""

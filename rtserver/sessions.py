@@ -155,7 +155,9 @@ class Connection:
         self._sock: socket.socket | None = None
         self._outbox = outbox
         #: Frames waiting for the outbox to flush (None: nothing waits).
-        self._pending: list[bytes] | None = None
+        #: Frames waiting for the outbox's flush: the first as it is, then
+        #: all of them in one buffer.
+        self._pending: bytes | bytearray | None = None
         # While offline delivery is replaying, pushes wait here (frame, id).
         self._replay_queue: list[tuple[bytes, str | None]] | None = None
         self._replayed: set[str] | None = None
@@ -196,11 +198,16 @@ class Connection:
             outbox.sends += 1
             return self._send(frame)
         pending = self._pending
-        if pending is not None:
-            pending.append(frame)
-        else:
-            self._pending = [frame]
+        if pending is None:
+            self._pending = frame
             outbox.add(self)
+        elif type(pending) is bytearray:
+            pending += frame
+        else:
+            # A second frame before the flush: from now on one buffer. Not a
+            # list: a bytearray is not tracked by the garbage collector, and
+            # thousands of pending lists were most of its young passes.
+            self._pending = bytearray(pending) + frame
         return True
 
     def flush(self) -> None:
@@ -208,9 +215,9 @@ class Connection:
         pending, self._pending = self._pending, None
         if pending and not self.closed:
             self._outbox.sends += 1
-            self._send(pending[0] if len(pending) == 1 else b"".join(pending))
+            self._send(pending)
 
-    def _send(self, data: bytes) -> bool:
+    def _send(self, data: bytes | bytearray) -> bool:
         """Fast path: when nothing is queued on a plain (non-TLS) stream, the
         bytes go straight to the socket with one ``send()``; only what the
         kernel does not take is queued on the stream (no Future, no Task)."""
@@ -229,7 +236,7 @@ class Connection:
                 return True
             data = data[sent:]
         try:
-            stream.write(data)
+            stream.write(data if type(data) is bytes else bytes(data))
         except StreamClosedError:
             return False
         except StreamBufferFullError:
@@ -332,7 +339,7 @@ class Connection:
 
     def outbound_buffer(self) -> int:
         """Bytes written but not yet taken by the peer."""
-        pending = sum(map(len, self._pending)) if self._pending else 0
+        pending = len(self._pending) if self._pending else 0
         return pending + self._transport.outbound_bytes()
 
     def peer_close(self) -> tuple[int | None, str | None]:

@@ -51,7 +51,8 @@ CREATE INDEX IF NOT EXISTS notifications_read_at
 """
 
 _COLUMNS = "id, user_id, created_at, read, read_at, delivered_at, body"
-_CHUNK = 500  # rows per multi-row statement (7 x 500 parameters, under SQLite's limit)
+_WIDTH = 7  # columns a row
+_CHUNK = 500  # rows per multi-row statement (_WIDTH x 500 parameters, under SQLite's limit)
 _MAX_BATCH = 20_000  # rows per transaction at most
 #: Rows inserted between two checkpoints (``_write_pending``).
 _CHECKPOINT_ROWS = 10_000
@@ -74,6 +75,17 @@ _body_decoder = msgspec.json.Decoder(_Body)
 def _row(n: Notification) -> tuple[Any, ...]:
     body = _body_encoder.encode(_Body(n.message, n.type, n.extra))
     return (n.id, n.user_id, n.created_at, int(n.read), n.read_at, n.delivered_at, body)
+
+
+def _rows(notifications: Sequence[Notification]) -> list[Any]:
+    """The rows' values in one flat list, ``_WIDTH`` a row, as the multi-row
+    INSERT binds them. No tuple per row outlives this call: tens of thousands
+    waiting for the writer had been most of the garbage collector's work."""
+    values: list[Any] = []
+    add = values.extend
+    for n in notifications:
+        add(_row(n))
+    return values
 
 
 def _notification(row: tuple[Any, ...]) -> Notification:
@@ -103,9 +115,10 @@ class SQLiteStore(Store):
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtserver-sqlite")
         self._db: sqlite3.Connection | None = None
-        # Groups of rows waiting for the writer, each with the future its
-        # caller awaits; a group is always written in one transaction.
-        self._pending: list[tuple[list[tuple[Any, ...]], asyncio.Future[None]]] = []
+        # Groups of rows waiting for the writer (their values, flat: see
+        # ``_rows``), each with the future its caller awaits; a group is
+        # always written in one transaction.
+        self._pending: list[tuple[list[Any], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._unsaved = 0  # rows inserted since the last checkpoint
         # Calls waiting for this loop turn's hand-off to the thread (``_run``).
@@ -212,20 +225,20 @@ class SQLiteStore(Store):
     async def insert(self, notification: Notification) -> None:
         if notification.user_id is None:
             raise StoreError("only notifications addressed to a user are stored")
-        await self._queue([_row(notification)])
+        await self._queue(list(_row(notification)))
 
     async def insert_many(self, notifications: Sequence[Notification]) -> list[StoreError | None]:
         if any(n.user_id is None for n in notifications):
             raise StoreError("only notifications addressed to a user are stored")
         try:
-            await self._queue([_row(n) for n in notifications])
+            await self._queue(_rows(notifications))
         except StoreError as err:
             return [err] * len(notifications)
         return [None] * len(notifications)
 
-    async def _queue(self, rows: list[tuple[Any, ...]]) -> None:
+    async def _queue(self, values: list[Any]) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((rows, fut))
+        self._pending.append((values, fut))
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_pending())
         await fut
@@ -237,8 +250,8 @@ class SQLiteStore(Store):
         try:
             while self._pending:
                 size = taken = 0
-                for rows, _ in self._pending:
-                    size += len(rows)
+                for values, _ in self._pending:
+                    size += len(values) // _WIDTH
                     taken += 1
                     if size >= _MAX_BATCH:
                         break
@@ -268,22 +281,21 @@ class SQLiteStore(Store):
         # PASSIVE, and complete: no other connection writes or reads.
         db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
-    async def _write_batch(
-        self, batch: list[tuple[list[tuple[Any, ...]], asyncio.Future[None]]]
-    ) -> None:
-        rows = [row for group, _ in batch for row in group]
+    async def _write_batch(self, batch: list[tuple[list[Any], asyncio.Future[None]]]) -> None:
+        values = batch[0][0] if len(batch) == 1 else list(chain.from_iterable(v for v, _ in batch))
+        count = len(values) // _WIDTH
 
         def insert(db: sqlite3.Connection, verb: str) -> int:
             # Multi-row statements: one sqlite3_step (one GIL hand-off) per
             # chunk instead of one per row, which matters when the IOLoop
             # thread keeps the GIL busy.
             written = 0
-            for start in range(0, len(rows), _CHUNK):
-                chunk = rows[start : start + _CHUNK]
-                marks = ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            step = _CHUNK * _WIDTH
+            for start in range(0, len(values), step):
+                chunk = values[start : start + step]
+                marks = ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * (len(chunk) // _WIDTH))
                 written += db.execute(
-                    f"{verb} INTO notifications ({_COLUMNS}) VALUES {marks}",
-                    list(chain.from_iterable(chunk)),
+                    f"{verb} INTO notifications ({_COLUMNS}) VALUES {marks}", chunk
                 ).rowcount
             return written
 
@@ -295,7 +307,7 @@ class SQLiteStore(Store):
             # id already stored): the batch is written again the plain way,
             # which fails as a whole with SQLite's own error.
             db.execute("BEGIN")
-            if insert(db, "INSERT OR IGNORE") != len(rows):
+            if insert(db, "INSERT OR IGNORE") != count:
                 db.execute("ROLLBACK")
                 db.execute("BEGIN")
                 insert(db, "INSERT")

@@ -154,7 +154,6 @@ class Connection:
         self._stream: Stream | None = None
         self._sock: socket.socket | None = None
         self._outbox = outbox
-        #: Frames waiting for the outbox to flush (None: nothing waits).
         #: Frames waiting for the outbox's flush: the first as it is, then
         #: all of them in one buffer.
         self._pending: bytes | bytearray | None = None

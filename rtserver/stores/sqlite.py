@@ -12,6 +12,7 @@ are written so that SQLite needs no statement journal (``_write_batch``).
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,11 +45,14 @@ CREATE INDEX IF NOT EXISTS notifications_user_read_id
 -- offline delivery: only the undelivered rows are indexed
 CREATE INDEX IF NOT EXISTS notifications_undelivered
     ON notifications (user_id, id) WHERE delivered_at IS NULL;
--- retention
-CREATE INDEX IF NOT EXISTS notifications_created ON notifications (created_at);
+-- retention of read rows (age retention reads the table in id order: an id
+-- begins with its creation millisecond, so no index on created_at is needed)
 CREATE INDEX IF NOT EXISTS notifications_read_at
     ON notifications (read_at) WHERE read_at IS NOT NULL;
 """
+#: Indexes of earlier versions, dropped at open: each was one more B-tree
+#: written for every row.
+_OBSOLETE_INDEXES = ("notifications_created",)
 
 _COLUMNS = "id, user_id, created_at, read, read_at, delivered_at, body"
 _WIDTH = 7  # columns a row
@@ -104,8 +108,14 @@ def _notification(row: tuple[Any, ...]) -> Notification:
     )
 
 
-def _delete(sql: str, cutoff: float, db: sqlite3.Connection) -> int:
-    return int(db.execute(sql, (cutoff,)).rowcount)
+def _delete(sql: str, params: tuple[Any, ...], db: sqlite3.Connection) -> int:
+    return int(db.execute(sql, params).rowcount)
+
+
+def _id_bound(ts: float) -> str:
+    """An id below every id made at ``ts`` or later (ids begin with 12 hex
+    digits of their creation millisecond; see ``IdGenerator``)."""
+    return f"{math.ceil(ts * 1000):012x}"
 
 
 class SQLiteStore(Store):
@@ -123,6 +133,7 @@ class SQLiteStore(Store):
         self._unsaved = 0  # rows inserted since the last checkpoint
         # Calls waiting for this loop turn's hand-off to the thread (``_run``).
         self._calls: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._dropped: list[str] = []  # obsolete indexes dropped at open
 
     # -- plumbing ---------------------------------------------------------
 
@@ -191,6 +202,11 @@ class SQLiteStore(Store):
         db.execute("PRAGMA cache_size=-32768")
         db.execute("PRAGMA wal_autocheckpoint=32000")
         db.executescript(_SCHEMA)
+        for name in _OBSOLETE_INDEXES:
+            found = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?"
+            if db.execute(found, (name,)).fetchone():
+                db.execute(f"DROP INDEX {name}")
+                self._dropped.append(name)
         self._db = db
 
     async def open(self) -> None:
@@ -200,6 +216,8 @@ class SQLiteStore(Store):
             await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
         except sqlite3.Error as err:
             raise StoreError(f"sqlite: cannot open {self.path}: {err}") from err
+        for name in self._dropped:
+            log.info("store.index_dropped", backend=self.name, index=name)
 
     async def close(self) -> None:
         if self._db is None:
@@ -380,18 +398,25 @@ class SQLiteStore(Store):
         call to the store's thread, so the writes queued meanwhile go in
         between. One DELETE for a million expired rows held the thread (and
         every write behind it) for 4.5 s and grew the WAL by 286 MB; in steps
-        a write waited 60 ms at most, and the purge took twice as long."""
-        cutoffs = [("created_at < ?", now - retention)]
+        a write waited 60 ms at most, and the purge took twice as long.
+
+        Rows past ``retention`` are found in id order, oldest first: the id
+        range before the cutoff's millisecond, checked against ``created_at``
+        (so a row is never deleted early, whatever its id)."""
+        cutoff = now - retention
+        cutoffs: list[tuple[str, tuple[Any, ...]]] = [
+            ("id < ? AND created_at < ?", (_id_bound(cutoff), cutoff))
+        ]
         if read_retention is not None:
-            cutoffs.append(("read_at IS NOT NULL AND read_at < ?", now - read_retention))
+            cutoffs.append(("read_at IS NOT NULL AND read_at < ?", (now - read_retention,)))
         removed = 0
-        for where, cutoff in cutoffs:
+        for where, params in cutoffs:
             sql = (
                 "DELETE FROM notifications WHERE id IN"
                 f" (SELECT id FROM notifications WHERE {where} LIMIT {_PURGE_CHUNK})"
             )
             while True:
-                count = await self._run(partial(_delete, sql, cutoff))
+                count = await self._run(partial(_delete, sql, params))
                 removed += count
                 if count < _PURGE_CHUNK:
                     break

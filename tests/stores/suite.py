@@ -19,12 +19,17 @@ def note(
     user_id: str, message: str = "m", *, created_at: float | None = None, **extra: object
 ) -> Notification:
     nid = _ids()
+    if created_at is None:
+        created_at = IdGenerator.created_at(nid)
+    else:
+        # As every id rtserver makes: it begins with its creation millisecond.
+        nid = f"{int(created_at * 1000):012x}{nid[12:]}"
     return Notification(
         id=nid,
         user_id=user_id,
         message=message,
         type="info",
-        created_at=created_at if created_at is not None else IdGenerator.created_at(nid),
+        created_at=created_at,
         extra=dict(extra),
     )
 

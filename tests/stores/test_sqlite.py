@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from rtserver.protocol import Notification
 from rtserver.stores import sqlite as sqlite_store
@@ -52,11 +53,19 @@ class TestSQLiteStore(StoreSuite):
                 "SELECT * FROM notifications WHERE user_id = 'u' AND delivered_at IS NULL ORDER BY id ASC LIMIT 500",
                 "notifications_undelivered",
             ),
-            ("DELETE FROM notifications WHERE created_at < 5", "notifications_created"),
+            (
+                "SELECT id FROM notifications WHERE id < '0a' AND created_at < 5 LIMIT 5000",
+                "USING PRIMARY KEY (id<?)",
+            ),
+            (
+                "SELECT id FROM notifications WHERE read_at IS NOT NULL AND read_at < 5 LIMIT 5000",
+                "notifications_read_at",
+            ),
         ],
     )
     async def test_queries_use_indexes(self, store: SQLiteStore, sql: str, index: str) -> None:
-        """The user/unread/created queries are served by indexes (EXPLAIN QUERY PLAN)."""
+        """The user, unread, undelivered and retention queries are served by
+        indexes or the primary key (EXPLAIN QUERY PLAN)."""
         with sqlite3.connect(store.path) as db:
             plan = " ".join(row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + sql))
         assert index in plan, plan
@@ -122,6 +131,49 @@ class TestSQLiteStore(StoreSuite):
         assert removed == 1_280
         assert order == ["write", "purge"]
         assert [n.message for n in await store.history("p")] == ["new"]
+
+    async def test_retention_reads_the_id_range_and_never_deletes_early(
+        self, store: SQLiteStore
+    ) -> None:
+        """Age retention walks the primary key up to the cutoff's millisecond
+        (no index on created_at to write for every row; the plan is checked
+        above), and checks created_at: a row whose id is older than its
+        created_at is kept."""
+        now = time.time()
+        early_id = note("p", created_at=now - 1_000).id
+        young = Notification(id=early_id, user_id="p", message="young", created_at=now)
+        old = note("p", "old", created_at=now - 1_000)
+        await store.insert_many([young, old])
+        assert await store.purge(now, retention=500, read_retention=None) == 1
+        assert [n.message for n in await store.history("p")] == ["young"]
+        indexes = await store._run(
+            lambda db: db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+        )
+        assert "notifications_created" not in {name for (name,) in indexes}
+
+    async def test_open_drops_the_index_earlier_versions_wrote(self, tmp_path: Path) -> None:
+        """A file made by an earlier version loses its created_at index at
+        open (logged as store.index_dropped), and keeps its rows."""
+        path = tmp_path / "old.db"
+        first = SQLiteStore(path)
+        await first.open()
+        await first.insert(note("u", "kept"))
+        await first.close()
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE INDEX notifications_created ON notifications (created_at)")
+        again = SQLiteStore(path)
+        with capture_logs() as logs:
+            await again.open()
+        try:
+            assert [(e["event"], e.get("index")) for e in logs] == [
+                ("store.index_dropped", "notifications_created")
+            ]
+            assert [n.message for n in await again.history("u")] == ["kept"]
+        finally:
+            await again.close()
+        with sqlite3.connect(path) as db:
+            names = {n for (n,) in db.execute("SELECT name FROM sqlite_master")}
+        assert "notifications_created" not in names
 
     async def test_sql_runs_off_the_ioloop(self, store: SQLiteStore) -> None:
         """Store work happens on the store's own thread, so the loop keeps turning."""

@@ -8,6 +8,7 @@ these methods; callers never write to a socket themselves.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from rtserver.broker import LocalBroker
@@ -96,13 +97,21 @@ class Delivery:
             self._kinds("user", n)
         return n
 
-    def notify_user(self, user_id: str, framed: bytes, notification_id: str) -> tuple[int, bool]:
+    def notify_user(
+        self,
+        user_id: str,
+        framed: bytes,
+        notification_id: str,
+        sessions: Collection[Connection] | None = None,
+    ) -> tuple[int, bool]:
         """``to_user`` for a stored notification's frame, on the hot path of
         every send: how many sessions here it reached, and whether one of
-        them does not confirm receipts (so it counts as delivered now)."""
+        them does not confirm receipts (so it counts as delivered now).
+        ``sessions``: the user's, when the caller has them at hand."""
         if self.broker.enabled:
             self.broker.publish_user(user_id, framed, notification_id, None)
-        sessions = self.sessions.view_of_user(user_id)
+        if sessions is None:
+            sessions = self.sessions.view_of_user(user_id)
         if not sessions:
             return 0, False
         n, plain = 0, False

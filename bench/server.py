@@ -22,7 +22,7 @@ from rtserver.log import configure_logging
 from rtserver.plugins import Route, hookimpl
 from rtserver.protocol import Notification
 from rtserver.stores.base import StoreError
-from rtserver.stores.sqlite import SQLiteStore, _row
+from rtserver.stores.sqlite import SQLiteStore, _rows
 from rtserver.web import APIHandler
 
 
@@ -84,8 +84,7 @@ class UnwrittenStore(SQLiteStore):
     every notification: never a mode of rtserver."""
 
     async def insert_many(self, notifications: Sequence[Notification]) -> list[StoreError | None]:
-        for n in notifications:
-            _row(n)
+        _rows(notifications)
         return [None] * len(notifications)
 
 

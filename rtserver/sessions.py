@@ -154,9 +154,8 @@ class Connection:
         self._stream: Stream | None = None
         self._sock: socket.socket | None = None
         self._outbox = outbox
-        #: Frames waiting for the outbox's flush: the first as it is, then
-        #: all of them in one buffer.
-        self._pending: bytes | bytearray | None = None
+        #: Frames waiting for the outbox's flush: one as it is, more in a list.
+        self._pending: bytes | list[bytes] | None = None
         # While offline delivery is replaying, pushes wait here (frame, id).
         self._replay_queue: list[tuple[bytes, str | None]] | None = None
         self._replayed: set[str] | None = None
@@ -198,15 +197,14 @@ class Connection:
             return self._send(frame)
         pending = self._pending
         if pending is None:
+            # One frame is kept as it is: no list for the garbage collector
+            # to track (per-user sends seldom put two in one flush).
             self._pending = frame
             outbox.add(self)
-        elif type(pending) is bytearray:
-            pending += frame
+        elif isinstance(pending, list):
+            pending.append(frame)
         else:
-            # A second frame before the flush: from now on one buffer. Not a
-            # list: a bytearray is not tracked by the garbage collector, and
-            # thousands of pending lists were most of its young passes.
-            self._pending = bytearray(pending) + frame
+            self._pending = [pending, frame]
         return True
 
     def flush(self) -> None:
@@ -214,9 +212,9 @@ class Connection:
         pending, self._pending = self._pending, None
         if pending and not self.closed:
             self._outbox.sends += 1
-            self._send(pending)
+            self._send(b"".join(pending) if isinstance(pending, list) else pending)
 
-    def _send(self, data: bytes | bytearray) -> bool:
+    def _send(self, data: bytes) -> bool:
         """Fast path: when nothing is queued on a plain (non-TLS) stream, the
         bytes go straight to the socket with one ``send()``; only what the
         kernel does not take is queued on the stream (no Future, no Task)."""
@@ -235,7 +233,7 @@ class Connection:
                 return True
             data = data[sent:]
         try:
-            stream.write(data if type(data) is bytes else bytes(data))
+            stream.write(data)
         except StreamClosedError:
             return False
         except StreamBufferFullError:
@@ -338,8 +336,14 @@ class Connection:
 
     def outbound_buffer(self) -> int:
         """Bytes written but not yet taken by the peer."""
-        pending = len(self._pending) if self._pending else 0
-        return pending + self._transport.outbound_bytes()
+        pending = self._pending
+        if pending is None:
+            queued = 0
+        elif isinstance(pending, list):
+            queued = sum(map(len, pending))
+        else:
+            queued = len(pending)
+        return queued + self._transport.outbound_bytes()
 
     def peer_close(self) -> tuple[int | None, str | None]:
         """The code and reason the peer closed with (None, None: it did not)."""

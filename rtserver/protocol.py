@@ -384,7 +384,13 @@ def build_notification(
         raise ProtocolError(
             TOO_LARGE, f"notification: {size} bytes is over the limit of {max_bytes}", status=413
         )
-    check_shape(payload, max_depth=max_depth, max_fields=max_fields, where="notification")
+    for value in payload.values():
+        if isinstance(value, (dict, list)):
+            break
+    else:
+        value = None  # flat: only the width is left to check
+    if value is not None or len(payload) > max_fields or max_depth < 1:
+        check_shape(payload, max_depth=max_depth, max_fields=max_fields, where="notification")
     message = payload.get("message")
     if not isinstance(message, str) or not message or message.isspace():
         raise ProtocolError(BAD_REQUEST, "notification.message: required non-empty string")
@@ -444,7 +450,9 @@ class IdGenerator:
             ms = max(int(time.time() * 1000), self._last_ms)
             self._last_ms = ms
             prefix, node = f"{ms:012x}", self._node
-            return [f"{prefix}{next(self._seq) & 0xFFFFFF:06x}{node}" for _ in range(count)]
+            first = next(self._seq)
+            self._seq = itertools.count(first + count)
+            return [f"{prefix}{seq & 0xFFFFFF:06x}{node}" for seq in range(first, first + count)]
 
     @staticmethod
     def created_at(notification_id: str) -> float:

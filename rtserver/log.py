@@ -37,6 +37,24 @@ def _orjson_dumps(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=repr).decode()
 
 
+class _BoundLogger(structlog.stdlib.BoundLogger):
+    """``structlog.stdlib.BoundLogger`` that asks the stdlib logger first
+    whether it would keep a debug or info event: the ``filter_by_level``
+    processor drops the same events, but only after the event dict was built
+    and the processor chain entered, a cost paid on every connection when the
+    level is warning."""
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not self._logger.isEnabledFor(logging.DEBUG):
+            return None
+        return super().debug(event, *args, **kw)
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return None
+        return super().info(event, *args, **kw)
+
+
 def configure_logging(
     config: LoggingConfig, stream: IO[str] | None = None, *, cache: bool = True
 ) -> None:
@@ -70,7 +88,7 @@ def configure_logging(
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        wrapper_class=_BoundLogger,
         cache_logger_on_first_use=cache,
     )
     formatter = structlog.stdlib.ProcessorFormatter(

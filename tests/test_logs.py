@@ -8,8 +8,10 @@ import io
 import json
 import logging
 
+import structlog
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from rtserver.config import LoggingConfig
 from rtserver.log import configure_logging, get_logger
@@ -79,6 +81,41 @@ def test_json_lines_include_stdlib_loggers_and_redact_secrets() -> None:
     )
     assert lines[1]["event"] == "plain stdlib" and lines[1]["logger"] == "tornado.application"
     assert len(lines) == 2
+
+
+def test_levels_drop_events_before_processing_and_per_logger_levels_hold() -> None:
+    """At level warning an info event never reaches the processors (none
+    runs), while a logger set to debug by ``logging.levels`` keeps its debug
+    and info events: the same verdict as the filter_by_level processor."""
+    buf = io.StringIO()
+    seen: list[str] = []
+    configure_logging(
+        LoggingConfig(format="json", level="warning", levels={"rtserver.chatty": "debug"}),
+        stream=buf,
+        cache=False,
+    )
+    try:
+        original = structlog.get_config()["processors"]
+        structlog.configure(processors=[_record(seen), *original])
+        get_logger("rtserver").info("dropped.info")
+        get_logger("rtserver").debug("dropped.debug")
+        get_logger("rtserver").warning("kept.warning")
+        get_logger("rtserver.chatty").debug("kept.debug")
+        get_logger("rtserver.chatty").info("kept.info")
+        lines = [json.loads(line)["event"] for line in buf.getvalue().splitlines()]
+    finally:
+        configure_logging(LoggingConfig(format="json"), cache=False)
+        logging.getLogger("rtserver.chatty").setLevel(logging.NOTSET)
+    assert seen == ["kept.warning", "kept.debug", "kept.info"]
+    assert lines == ["kept.warning", "kept.debug", "kept.info"]
+
+
+def _record(seen: list[str]) -> Processor:
+    def record(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+        seen.append(event_dict["event"])
+        return event_dict
+
+    return record
 
 
 async def test_metrics_snapshot_is_logged_periodically(start_server) -> None:  # type: ignore[no-untyped-def]

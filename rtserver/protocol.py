@@ -384,12 +384,14 @@ def build_notification(
         raise ProtocolError(
             TOO_LARGE, f"notification: {size} bytes is over the limit of {max_bytes}", status=413
         )
+    # Most payloads are flat and narrow: those need no walk (nor the call).
     for value in payload.values():
         if isinstance(value, (dict, list)):
+            nested = True
             break
     else:
-        value = None  # flat: only the width is left to check
-    if value is not None or len(payload) > max_fields or max_depth < 1:
+        nested = False
+    if nested or len(payload) > max_fields or max_depth < 1:
         check_shape(payload, max_depth=max_depth, max_fields=max_fields, where="notification")
     message = payload.get("message")
     if not isinstance(message, str) or not message or message.isspace():

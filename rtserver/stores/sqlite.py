@@ -55,7 +55,8 @@ CREATE INDEX IF NOT EXISTS notifications_read_at
 _OBSOLETE_INDEXES = ("notifications_created",)
 
 _COLUMNS = "id, user_id, created_at, read, read_at, delivered_at, body"
-_WIDTH = 7  # columns a row
+_WIDTH = _COLUMNS.count(",") + 1  # values a row
+_MARKS = "(" + ", ".join("?" * _WIDTH) + ")"  # one row's placeholders
 _CHUNK = 500  # rows per multi-row statement (_WIDTH x 500 parameters, under SQLite's limit)
 _MAX_BATCH = 20_000  # rows per transaction at most
 #: Rows inserted between two checkpoints (``_write_pending``).
@@ -133,7 +134,6 @@ class SQLiteStore(Store):
         self._unsaved = 0  # rows inserted since the last checkpoint
         # Calls waiting for this loop turn's hand-off to the thread (``_run``).
         self._calls: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._dropped: list[str] = []  # obsolete indexes dropped at open
 
     # -- plumbing ---------------------------------------------------------
 
@@ -189,7 +189,8 @@ class SQLiteStore(Store):
             else:
                 future.set_exception(value)
 
-    def _connect(self) -> None:
+    def _connect(self) -> list[str]:
+        """Open and set up the file; returns the obsolete indexes it dropped."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
@@ -202,21 +203,25 @@ class SQLiteStore(Store):
         db.execute("PRAGMA cache_size=-32768")
         db.execute("PRAGMA wal_autocheckpoint=32000")
         db.executescript(_SCHEMA)
+        dropped = []
         for name in _OBSOLETE_INDEXES:
             found = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?"
             if db.execute(found, (name,)).fetchone():
                 db.execute(f"DROP INDEX {name}")
-                self._dropped.append(name)
+                dropped.append(name)
         self._db = db
+        return dropped
 
     async def open(self) -> None:
         if self._db is not None:
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
+            dropped = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._connect
+            )
         except sqlite3.Error as err:
             raise StoreError(f"sqlite: cannot open {self.path}: {err}") from err
-        for name in self._dropped:
+        for name in dropped:
             log.info("store.index_dropped", backend=self.name, index=name)
 
     async def close(self) -> None:
@@ -243,7 +248,7 @@ class SQLiteStore(Store):
     async def insert(self, notification: Notification) -> None:
         if notification.user_id is None:
             raise StoreError("only notifications addressed to a user are stored")
-        await self._queue(list(_row(notification)))
+        await self._queue(_rows([notification]))
 
     async def insert_many(self, notifications: Sequence[Notification]) -> list[StoreError | None]:
         if any(n.user_id is None for n in notifications):
@@ -311,7 +316,7 @@ class SQLiteStore(Store):
             step = _CHUNK * _WIDTH
             for start in range(0, len(values), step):
                 chunk = values[start : start + step]
-                marks = ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * (len(chunk) // _WIDTH))
+                marks = ",".join([_MARKS] * (len(chunk) // _WIDTH))
                 written += db.execute(
                     f"{verb} INTO notifications ({_COLUMNS}) VALUES {marks}", chunk
                 ).rowcount

@@ -18,13 +18,14 @@ import random
 import resource
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,10 @@ def server(
         env = {**os.environ, "RTBENCH_WEBSOCKET": "tornado"}
     if kind == "rtserver-unwritten":  # a diagnostic: rows made, never written
         env = {**os.environ, "RTBENCH_STORE": "unwritten"}
+    made = None  # a data directory made here, removed with the server
     if kind.startswith("rtserver"):
-        data = data or tempfile.mkdtemp(dir=workdir)
+        if data is None:
+            data = made = tempfile.mkdtemp(dir=workdir)
         cmd = [
             sys.executable,
             "-m",
@@ -122,6 +125,10 @@ def server(
         proc.kill()
         proc.wait()
         proc.stdout.close()
+        if made is not None:
+            # At once: the kernel would otherwise write this run's files back
+            # to disk during the next measurement.
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def start_client(loadgen: Path, args: list[str]) -> subprocess.Popen[str]:
@@ -224,6 +231,7 @@ def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str
     finally:
         redis.kill()
         redis.wait()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def raw_limit(loadgen: Path, n: int, total: int, *, random_order: bool = False) -> dict[str, Any]:
@@ -284,23 +292,29 @@ def per_user(
     held: int = 0,
 ) -> dict[str, Any]:
     """Per-user sends to ``users`` clients; with ``held``, the server starts on
-    a store that already holds that many rows (the user names match)."""
-    data = None
-    if held:
-        data = tempfile.mkdtemp(dir=workdir)
-        prefill(Path(data), held)
-    with server(kind, workdir, data=data) as (port, _):
-        client = ws_clients(loadgen, port, users, token_file(workdir, users), count, "120")
-        took = post(port, "/bench/send", {"count": count, "users": users, "batch": batch})[
-            "seconds"
-        ]
-        result = finish(client)
-        return {
-            "rate": count / took,
-            "received": result["received"],
-            "client_rate": result["rate"],
-            "client_cpu_share": result["client_cpu_share"],
-        }
+    a store that already holds that many rows (the user names match).
+    ``stored``: the rows in the file once the server has stopped."""
+    data = tempfile.mkdtemp(dir=workdir)
+    try:
+        if held:
+            prefill(Path(data), held)
+        with server(kind, workdir, data=data) as (port, _):
+            client = ws_clients(loadgen, port, users, token_file(workdir, users), count, "120")
+            took = post(port, "/bench/send", {"count": count, "users": users, "batch": batch})[
+                "seconds"
+            ]
+            result = finish(client)
+        with closing(sqlite3.connect(Path(data) / "rtserver.db")) as db:
+            (stored,) = db.execute("SELECT count(*) FROM notifications").fetchone()
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    return {
+        "rate": count / took,
+        "received": result["received"],
+        "stored": stored,
+        "client_rate": result["rate"],
+        "client_cpu_share": result["client_cpu_share"],
+    }
 
 
 def http_publish(workdir: Path, connections_: int, batches: int, batch: int) -> dict[str, Any]:
@@ -484,7 +498,8 @@ def main() -> None:
                 (
                     f"per-user sends, 10,000 users, {how} (stored + delivered/s)",
                     f"{pu['rate']:,.0f}",
-                    f"received {pu['received']:,} at {pu['client_rate']:,.0f}/s",
+                    f"received {pu['received']:,} at {pu['client_rate']:,.0f}/s, "
+                    f"stored {pu['stored']:,}",
                     f"{pu['client_cpu_share']:.0%}",
                 )
             )
@@ -512,7 +527,7 @@ def main() -> None:
                 f"  the same, 500 a call, the store already holding {held:,} rows",
                 f"{history['rate']:,.0f}",
                 f"{history['rate'] / stored[500]['rate']:.0%} of the empty store's; "
-                f"received {history['received']:,}",
+                f"received {history['received']:,}, stored {history['stored'] - held:,}",
                 f"{history['client_cpu_share']:.0%}",
             )
         )

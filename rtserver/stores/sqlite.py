@@ -17,7 +17,6 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,9 +54,23 @@ CREATE INDEX IF NOT EXISTS notifications_read_at
 _OBSOLETE_INDEXES = ("notifications_created",)
 
 _COLUMNS = "id, user_id, created_at, read, read_at, delivered_at, body"
-_WIDTH = _COLUMNS.count(",") + 1  # values a row
-_MARKS = "(" + ", ".join("?" * _WIDTH) + ")"  # one row's placeholders
-_CHUNK = 500  # rows per multi-row statement (_WIDTH x 500 parameters, under SQLite's limit)
+#: The columns an insert binds, by which of the row's two times are unset
+#: (index: 2 if ``read_at`` is None, plus 1 if ``delivered_at`` is): an unset
+#: one is left out and defaults to NULL. Python's sqlite3 binds str, int,
+#: float and bytearray straight away but passes None and bytes through its
+#: adapter registry, whose failed attribute lookups format an AttributeError
+#: for every such value, which had cost the writer more than the row's
+#: B-tree inserts. So a row binds no None, and its body as a bytearray.
+#: (``NULLIF(?, '')`` in one statement would have done it too, but a function
+#: in an INSERT makes SQLite keep a statement journal: three times the bytes.)
+_SHAPES = (
+    _COLUMNS,
+    "id, user_id, created_at, read, read_at, body",
+    "id, user_id, created_at, read, delivered_at, body",
+    "id, user_id, created_at, read, body",
+)
+_WIDTHS = {columns: columns.count(",") + 1 for columns in _SHAPES}  # values a row
+_CHUNK = 500  # rows per multi-row statement (7 x 500 parameters at most, under SQLite's limit)
 _MAX_BATCH = 20_000  # rows per transaction at most
 #: Rows inserted between two checkpoints (``_write_pending``).
 _CHECKPOINT_ROWS = 10_000
@@ -77,20 +90,35 @@ _body_encoder = msgspec.json.Encoder()
 _body_decoder = msgspec.json.Decoder(_Body)
 
 
-def _row(n: Notification) -> tuple[Any, ...]:
-    body = _body_encoder.encode(_Body(n.message, n.type, n.extra))
-    return (n.id, n.user_id, n.created_at, int(n.read), n.read_at, n.delivered_at, body)
+#: Rows to insert: for each of ``_SHAPES`` used, its rows' values in one
+#: flat list, as a multi-row INSERT binds them. No tuple per row is kept:
+#: tens of thousands waiting for the writer had been most of the garbage
+#: collector's work.
+_Rows = dict[str, list[Any]]
 
 
-def _rows(notifications: Sequence[Notification]) -> list[Any]:
-    """The rows' values in one flat list, ``_WIDTH`` a row, as the multi-row
-    INSERT binds them. No tuple per row outlives this call: tens of thousands
-    waiting for the writer had been most of the garbage collector's work."""
-    values: list[Any] = []
-    add = values.extend
+def _rows(notifications: Sequence[Notification]) -> _Rows:
+    rows: _Rows = {}
+    encode_into = _body_encoder.encode_into
     for n in notifications:
-        add(_row(n))
-    return values
+        body = bytearray()
+        encode_into(_Body(n.message, n.type, n.extra), body)
+        read_at, delivered_at = n.read_at, n.delivered_at
+        columns = _SHAPES[2 * (read_at is None) + (delivered_at is None)]
+        values = rows.get(columns)
+        if values is None:
+            values = rows[columns] = []
+        values += (n.id, n.user_id, n.created_at, int(n.read))
+        if read_at is not None:
+            values.append(read_at)
+        if delivered_at is not None:
+            values.append(delivered_at)
+        values.append(body)
+    return rows
+
+
+def _count(rows: _Rows) -> int:
+    return sum(len(values) // _WIDTHS[columns] for columns, values in rows.items())
 
 
 def _notification(row: tuple[Any, ...]) -> Notification:
@@ -126,10 +154,10 @@ class SQLiteStore(Store):
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtserver-sqlite")
         self._db: sqlite3.Connection | None = None
-        # Groups of rows waiting for the writer (their values, flat: see
-        # ``_rows``), each with the future its caller awaits; a group is
-        # always written in one transaction.
-        self._pending: list[tuple[list[Any], asyncio.Future[None]]] = []
+        # Groups of rows waiting for the writer (see ``_Rows``), each with
+        # the future its caller awaits; a group is always written in one
+        # transaction.
+        self._pending: list[tuple[_Rows, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._unsaved = 0  # rows inserted since the last checkpoint
         # Calls waiting for this loop turn's hand-off to the thread (``_run``).
@@ -259,9 +287,9 @@ class SQLiteStore(Store):
             return [err] * len(notifications)
         return [None] * len(notifications)
 
-    async def _queue(self, values: list[Any]) -> None:
+    async def _queue(self, rows: _Rows) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((values, fut))
+        self._pending.append((rows, fut))
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_pending())
         await fut
@@ -273,8 +301,8 @@ class SQLiteStore(Store):
         try:
             while self._pending:
                 size = taken = 0
-                for values, _ in self._pending:
-                    size += len(values) // _WIDTH
+                for rows, _ in self._pending:
+                    size += _count(rows)
                     taken += 1
                     if size >= _MAX_BATCH:
                         break
@@ -304,22 +332,30 @@ class SQLiteStore(Store):
         # PASSIVE, and complete: no other connection writes or reads.
         db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
-    async def _write_batch(self, batch: list[tuple[list[Any], asyncio.Future[None]]]) -> None:
-        values = batch[0][0] if len(batch) == 1 else list(chain.from_iterable(v for v, _ in batch))
-        count = len(values) // _WIDTH
+    async def _write_batch(self, batch: list[tuple[_Rows, asyncio.Future[None]]]) -> None:
+        rows = batch[0][0]
+        if len(batch) > 1:
+            rows = {}
+            for group, _ in batch:
+                for columns, values in group.items():
+                    rows.setdefault(columns, []).extend(values)
+        count = _count(rows)
 
         def insert(db: sqlite3.Connection, verb: str) -> int:
             # Multi-row statements: one sqlite3_step (one GIL hand-off) per
             # chunk instead of one per row, which matters when the IOLoop
             # thread keeps the GIL busy.
             written = 0
-            step = _CHUNK * _WIDTH
-            for start in range(0, len(values), step):
-                chunk = values[start : start + step]
-                marks = ",".join([_MARKS] * (len(chunk) // _WIDTH))
-                written += db.execute(
-                    f"{verb} INTO notifications ({_COLUMNS}) VALUES {marks}", chunk
-                ).rowcount
+            for columns, values in rows.items():
+                width = _WIDTHS[columns]
+                row_marks = "(" + ", ".join("?" * width) + ")"
+                step = _CHUNK * width
+                for start in range(0, len(values), step):
+                    chunk = values[start : start + step]
+                    marks = ",".join([row_marks] * (len(chunk) // width))
+                    written += db.execute(
+                        f"{verb} INTO notifications ({columns}) VALUES {marks}", chunk
+                    ).rowcount
             return written
 
         def write(db: sqlite3.Connection) -> None:

@@ -218,6 +218,31 @@ class TestSQLiteStore(StoreSuite):
         assert await store.insert_many(fresh) == [None] * 3  # the store goes on
         assert await store.unread_count("d") == 4
 
+    async def test_unset_times_are_null_and_set_ones_exact(self, store: SQLiteStore) -> None:
+        """Rows are bound without None or bytes (``_MARKS``): an unset time
+        is still SQL NULL, which the partial indexes select on, a set one
+        the exact float, and the body a BLOB as before."""
+        plain = note("t", "plain")
+        done = msgspec.structs.replace(
+            note("t", "done"), read=True, read_at=1_700_000_000.123456, delivered_at=1_700_000_000.5
+        )
+        assert await store.insert_many([plain, done]) == [None, None]
+        with sqlite3.connect(store.path) as db:
+            rows = db.execute(
+                "SELECT id, typeof(read_at), read_at, typeof(delivered_at), delivered_at,"
+                " typeof(body) FROM notifications ORDER BY id"
+            ).fetchall()
+            undelivered = db.execute(
+                "SELECT id FROM notifications INDEXED BY notifications_undelivered"
+                " WHERE user_id = 't' AND delivered_at IS NULL"
+            ).fetchall()
+        assert rows == [
+            (plain.id, "null", None, "null", None, "blob"),
+            (done.id, "real", 1_700_000_000.123456, "real", 1_700_000_000.5, "blob"),
+        ]
+        assert undelivered == [(plain.id,)]
+        assert await store.get("t", done.id) == done
+
     async def test_checkpoints_wait_until_the_callers_are_answered(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -134,6 +134,7 @@ def server(
 def start_client(loadgen: Path, args: list[str]) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [str(loadgen), *args],
+        stdin=subprocess.PIPE,  # closed by ``finish``: the clients then disconnect
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -272,7 +273,7 @@ def connections(loadgen: Path, workdir: Path, n: int, kind: str = "rtserver") ->
         time.sleep(1.0)
         after = rss_kb(proc.pid)
         client.kill()
-        client.wait()
+        client.communicate()
         return {
             "n": n,
             "kb_per_connection": (after - before) / n,

@@ -6,8 +6,9 @@
  *       the token on line i of TOKENFILE ({"event":"register",...}), then count
  *       text frames until EXPECT notification frames have arrived or TIMEOUT_S
  *       passes. Frames containing "t":<ns> (CLOCK_MONOTONIC of the sender) give
- *       latency samples. Prints one JSON line of results on stdout. Writes
- *       "ready" on stderr once every connection is registered.
+ *       latency samples. Prints one JSON line of results on stdout, then keeps
+ *       the connections open until its stdin closes. Writes "ready" on stderr
+ *       once every connection is registered.
  *   loadgen rawserver PORT N FRAMES SIZE [random]
  *       The raw send() limit: accept N plain TCP connections, then send FRAMES
  *       pre-built WebSocket frames of SIZE payload bytes round-robin with send(),
@@ -278,6 +279,12 @@ static int run_client(const char *host, int port, int n, const char *tokenfile, 
            n, registered, t_ready ? t_ready - t_open : -1.0, notes, span, span > 0 ? notes / span : 0.0,
            cpu_total - cpu_ready, span > 0 ? (cpu_total - cpu_ready) / span : 0.0, nlat, PCT(0.5), PCT(0.99),
            PCT(0.999), nlat ? lat[nlat - 1] / 1e6 : -1.0);
+    fflush(stdout);
+    /* Stay connected until the harness closes our stdin: exiting at once would
+       hand the server N disconnects while it may still be finishing the run
+       being measured (storing the last sends, for one). */
+    char drain[64];
+    while (read(0, drain, sizeof drain) > 0) {}
     return 0;
 }
 

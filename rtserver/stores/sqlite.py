@@ -17,6 +17,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,15 +91,10 @@ _body_encoder = msgspec.json.Encoder()
 _body_decoder = msgspec.json.Decoder(_Body)
 
 
-#: Rows to insert: for each of ``_SHAPES`` used, its rows' values in one
-#: flat list, as a multi-row INSERT binds them. No tuple per row is kept:
-#: tens of thousands waiting for the writer had been most of the garbage
-#: collector's work.
-_Rows = dict[str, list[Any]]
-
-
-def _rows(notifications: Sequence[Notification]) -> _Rows:
-    rows: _Rows = {}
+def _rows(notifications: Sequence[Notification]) -> dict[str, list[Any]]:
+    """For each of ``_SHAPES`` used, its rows' values in one flat list, as a
+    multi-row INSERT binds them."""
+    rows: dict[str, list[Any]] = {}
     encode_into = _body_encoder.encode_into
     for n in notifications:
         body = bytearray()
@@ -115,10 +111,6 @@ def _rows(notifications: Sequence[Notification]) -> _Rows:
             values.append(delivered_at)
         values.append(body)
     return rows
-
-
-def _count(rows: _Rows) -> int:
-    return sum(len(values) // _WIDTHS[columns] for columns, values in rows.items())
 
 
 def _notification(row: tuple[Any, ...]) -> Notification:
@@ -154,10 +146,12 @@ class SQLiteStore(Store):
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtserver-sqlite")
         self._db: sqlite3.Connection | None = None
-        # Groups of rows waiting for the writer (see ``_Rows``), each with
-        # the future its caller awaits; a group is always written in one
-        # transaction.
-        self._pending: list[tuple[_Rows, asyncio.Future[None]]] = []
+        # Notifications waiting for the writer, in groups (one a call), each
+        # with the future its caller awaits; a group is always written in
+        # one transaction. Their rows are made on the store's thread, one
+        # statement's worth at a time (``_write_batch``), so the event loop's
+        # share of a stored notification is queuing it.
+        self._pending: list[tuple[tuple[Notification, ...], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._unsaved = 0  # rows inserted since the last checkpoint
         # Calls waiting for this loop turn's hand-off to the thread (``_run``).
@@ -197,11 +191,12 @@ class SQLiteStore(Store):
                 if db is None:
                     raise StoreError("sqlite store is not open")
                 results.append((True, fn(db)))
-            except sqlite3.Error as err:
+            except Exception as err:
+                # Whatever failed, no transaction stays open behind it.
                 if db is not None and db.in_transaction:
                     db.rollback()
-                results.append((False, StoreError(f"sqlite: {err}")))
-            except Exception as err:
+                if isinstance(err, sqlite3.Error):
+                    err = StoreError(f"sqlite: {err}")
                 results.append((False, err))
         return results
 
@@ -276,20 +271,20 @@ class SQLiteStore(Store):
     async def insert(self, notification: Notification) -> None:
         if notification.user_id is None:
             raise StoreError("only notifications addressed to a user are stored")
-        await self._queue(_rows([notification]))
+        await self._queue((notification,))
 
     async def insert_many(self, notifications: Sequence[Notification]) -> list[StoreError | None]:
         if any(n.user_id is None for n in notifications):
             raise StoreError("only notifications addressed to a user are stored")
         try:
-            await self._queue(_rows(notifications))
+            await self._queue(tuple(notifications))
         except StoreError as err:
             return [err] * len(notifications)
         return [None] * len(notifications)
 
-    async def _queue(self, rows: _Rows) -> None:
+    async def _queue(self, group: tuple[Notification, ...]) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((rows, fut))
+        self._pending.append((group, fut))
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_pending())
         await fut
@@ -301,8 +296,8 @@ class SQLiteStore(Store):
         try:
             while self._pending:
                 size = taken = 0
-                for rows, _ in self._pending:
-                    size += _count(rows)
+                for group, _ in self._pending:
+                    size += len(group)
                     taken += 1
                     if size >= _MAX_BATCH:
                         break
@@ -332,29 +327,25 @@ class SQLiteStore(Store):
         # PASSIVE, and complete: no other connection writes or reads.
         db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
-    async def _write_batch(self, batch: list[tuple[_Rows, asyncio.Future[None]]]) -> None:
-        rows = batch[0][0]
-        if len(batch) > 1:
-            rows = {}
-            for group, _ in batch:
-                for columns, values in group.items():
-                    rows.setdefault(columns, []).extend(values)
-        count = _count(rows)
+    async def _write_batch(
+        self, batch: list[tuple[tuple[Notification, ...], asyncio.Future[None]]]
+    ) -> None:
+        groups = [group for group, _ in batch]
+        count = sum(map(len, groups))
 
         def insert(db: sqlite3.Connection, verb: str) -> int:
             # Multi-row statements: one sqlite3_step (one GIL hand-off) per
             # chunk instead of one per row, which matters when the IOLoop
-            # thread keeps the GIL busy.
+            # thread keeps the GIL busy. The rows are made here, a chunk at
+            # a time, as they are bound.
+            notifications = groups[0] if len(groups) == 1 else tuple(chain.from_iterable(groups))
             written = 0
-            for columns, values in rows.items():
-                width = _WIDTHS[columns]
-                row_marks = "(" + ", ".join("?" * width) + ")"
-                step = _CHUNK * width
-                for start in range(0, len(values), step):
-                    chunk = values[start : start + step]
-                    marks = ",".join([row_marks] * (len(chunk) // width))
+            for start in range(0, len(notifications), _CHUNK):
+                for columns, values in _rows(notifications[start : start + _CHUNK]).items():
+                    width = _WIDTHS[columns]
+                    marks = ",".join(["(" + ", ".join("?" * width) + ")"] * (len(values) // width))
                     written += db.execute(
-                        f"{verb} INTO notifications ({columns}) VALUES {marks}", chunk
+                        f"{verb} INTO notifications ({columns}) VALUES {marks}", values
                     ).rowcount
             return written
 
@@ -364,7 +355,7 @@ class SQLiteStore(Store):
             # every page it will change there, which was two thirds of the
             # bytes written per row. A row it skipped broke a constraint (an
             # id already stored): the batch is written again the plain way,
-            # which fails as a whole with SQLite's own error.
+            # which fails with SQLite's own error.
             db.execute("BEGIN")
             if insert(db, "INSERT OR IGNORE") != count:
                 db.execute("ROLLBACK")
@@ -374,10 +365,18 @@ class SQLiteStore(Store):
 
         try:
             await self._run(write)
-        except StoreError as err:
+        except Exception as err:
+            if len(batch) > 1:
+                # Written alone, each group fails or not on its own: one
+                # caller's bad row never costs another caller its write.
+                for group in batch:
+                    await self._write_batch([group])
+                return
+            if not isinstance(err, StoreError):  # a row that could not be made
+                err = StoreError(f"sqlite: cannot store: {err!r}")
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(StoreError(str(err)))
+                    fut.set_exception(err)
             return
         for _, fut in batch:
             if not fut.done():

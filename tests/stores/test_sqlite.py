@@ -218,6 +218,27 @@ class TestSQLiteStore(StoreSuite):
         assert await store.insert_many(fresh) == [None] * 3  # the store goes on
         assert await store.unread_count("d") == 4
 
+    async def test_a_bad_row_fails_only_its_own_call(self, store: SQLiteStore) -> None:
+        """Calls queued together share a transaction, yet each fails or not on
+        its own: a stored id, or a body that cannot be encoded (only a
+        Notification built by hand can have one), costs no other caller its
+        write and leaves no transaction open."""
+        first = note("d", "first")
+        assert await store.insert_many([first]) == [None]
+        again = msgspec.structs.replace(first, message="other")
+        unencodable = note("d", "bad", thing=object())
+        dup_errors, bad_errors, good_errors = await asyncio.gather(
+            store.insert_many([note("d", "beside the stored id"), again]),
+            store.insert_many([unencodable]),
+            store.insert_many([note("d", "good") for _ in range(3)]),
+        )
+        assert all(isinstance(e, StoreError) and "UNIQUE" in str(e) for e in dup_errors)
+        assert isinstance(bad_errors[0], StoreError) and "cannot store" in str(bad_errors[0])
+        assert good_errors == [None] * 3
+        stored = sorted(n.message for n in await store.history("d"))
+        assert stored == ["first", "good", "good", "good"]
+        assert await store.insert_many([note("d", "after")]) == [None]
+
     async def test_unset_times_are_null_and_set_ones_exact(self, store: SQLiteStore) -> None:
         """Rows are bound without None or bytes (``_MARKS``): an unset time
         is still SQL NULL, which the partial indexes select on, a set one

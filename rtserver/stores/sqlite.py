@@ -196,7 +196,8 @@ class SQLiteStore(Store):
                 if db is not None and db.in_transaction:
                     db.rollback()
                 if isinstance(err, sqlite3.Error):
-                    err = StoreError(f"sqlite: {err}")
+                    cause, err = err, StoreError(f"sqlite: {err}")
+                    err.__cause__ = cause
                 results.append((False, err))
         return results
 
@@ -366,17 +367,22 @@ class SQLiteStore(Store):
         try:
             await self._run(write)
         except Exception as err:
-            if len(batch) > 1:
-                # Written alone, each group fails or not on its own: one
-                # caller's bad row never costs another caller its write.
+            # A row that broke a constraint or could not be made: written
+            # alone, each group fails or not on its own, so one caller's bad
+            # row never costs another caller its write. (Not when the store
+            # itself failed, locked or full: every group would wait and fail
+            # again.)
+            bad_row = not isinstance(err, StoreError) or isinstance(
+                err.__cause__, sqlite3.IntegrityError
+            )
+            if bad_row and len(batch) > 1:
                 for group in batch:
                     await self._write_batch([group])
                 return
-            if not isinstance(err, StoreError):  # a row that could not be made
-                err = StoreError(f"sqlite: cannot store: {err!r}")
+            message = str(err) if isinstance(err, StoreError) else f"sqlite: cannot store: {err!r}"
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(err)
+                    fut.set_exception(StoreError(message))
             return
         for _, fut in batch:
             if not fut.done():

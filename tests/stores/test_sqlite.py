@@ -239,6 +239,24 @@ class TestSQLiteStore(StoreSuite):
         assert stored == ["first", "good", "good", "good"]
         assert await store.insert_many([note("d", "after")]) == [None]
 
+    async def test_a_failing_store_fails_a_shared_write_once(self, store: SQLiteStore) -> None:
+        """When the store itself refuses the write (here a read-only
+        connection), the calls sharing the transaction all get the error at
+        once: no call-by-call retry, which would wait out every group in turn."""
+        begins: list[str] = []
+
+        def watch(db: sqlite3.Connection) -> None:
+            db.execute("PRAGMA query_only = 1")
+            db.set_trace_callback(lambda sql: begins.append(sql) if sql == "BEGIN" else None)
+
+        await store._run(watch)
+        results = await asyncio.gather(
+            store.insert_many([note("r", "one")]), store.insert_many([note("r", "two")])
+        )
+        assert [type(e) for errors in results for e in errors] == [StoreError, StoreError]
+        assert "readonly" in str(results[0][0])
+        assert begins == ["BEGIN"]
+
     async def test_unset_times_are_null_and_set_ones_exact(self, store: SQLiteStore) -> None:
         """Rows are bound without None or bytes (``_MARKS``): an unset time
         is still SQL NULL, which the partial indexes select on, a set one

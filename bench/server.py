@@ -79,7 +79,8 @@ class SendLoad(APIHandler):
 
 class UnwrittenStore(SQLiteStore):
     """A diagnostic for the per-user figure (``RTBENCH_STORE=unwritten``):
-    rows are made as for SQLite, then dropped instead of written, so the run
+    rows are made as for SQLite (here on the event loop; the real store makes
+    them on its own thread), then dropped instead of written, so the run
     shows what the delivery path costs without the disk's share. It loses
     every notification: never a mode of rtserver."""
 

@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,7 @@ class TestSQLiteStore(StoreSuite):
         assert begins == ["BEGIN"]
 
     async def test_unset_times_are_null_and_set_ones_exact(self, store: SQLiteStore) -> None:
-        """Rows are bound without None or bytes (``_MARKS``): an unset time
+        """Rows are bound without None or bytes (``_SHAPES``): an unset time
         is still SQL NULL, which the partial indexes select on, a set one
         the exact float, and the body a BLOB as before."""
         plain = note("t", "plain")
@@ -266,7 +267,7 @@ class TestSQLiteStore(StoreSuite):
             note("t", "done"), read=True, read_at=1_700_000_000.123456, delivered_at=1_700_000_000.5
         )
         assert await store.insert_many([plain, done]) == [None, None]
-        with sqlite3.connect(store.path) as db:
+        with closing(sqlite3.connect(store.path)) as db:
             rows = db.execute(
                 "SELECT id, typeof(read_at), read_at, typeof(delivered_at), delivered_at,"
                 " typeof(body) FROM notifications ORDER BY id"

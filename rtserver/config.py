@@ -82,6 +82,12 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: writes every frame at once.
     coalesce_turns: int = 32
     coalesce_max_delay: float = 0.1
+    #: Under sustained load (the last flush wrote to at least
+    #: ``coalesce_busy_connections`` connections, and frames keep coming
+    #: within this many seconds of it) frames wait this long, quiet turns or
+    #: not, so that each client gets several per write. 0 turns it off.
+    coalesce_busy_delay: float = 0.25
+    coalesce_busy_connections: int = 1000
     #: Who speaks WebSocket on plain TCP: "rtserver" (its own RFC 6455 code,
     #: several times cheaper per accepted connection) or "tornado" (Tornado's
     #: WebSocketHandler, which always serves TLS and unusual upgrades).
@@ -286,6 +292,10 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: server.coalesce_turns: an integer from 0 to 1000")
     if not 0 < config.server.coalesce_max_delay <= 10:
         raise ConfigError(f"{source}: server.coalesce_max_delay: seconds, over 0 and at most 10")
+    if not 0 <= config.server.coalesce_busy_delay <= 10:
+        raise ConfigError(f"{source}: server.coalesce_busy_delay: seconds, from 0 to 10")
+    if config.server.coalesce_busy_connections < 1:
+        raise ConfigError(f"{source}: server.coalesce_busy_connections: an integer, at least 1")
     if min(config.server.gc_thresholds) < 1:
         raise ConfigError(
             f"{source}: server.gc_thresholds: three positive integers (0 would disable collection)"

@@ -40,10 +40,17 @@ class Delivery:
         *,
         coalesce_turns: int = 0,
         coalesce_max_delay: float = 0.1,
+        coalesce_busy_delay: float = 0.0,
+        coalesce_busy_connections: int = 1000,
     ) -> None:
         self.sessions = sessions
         #: Connections write through it (``Connection(..., outbox=)``).
-        self.outbox = Outbox(coalesce_turns, coalesce_max_delay)
+        self.outbox = Outbox(
+            coalesce_turns,
+            coalesce_max_delay,
+            busy_delay=coalesce_busy_delay,
+            busy_connections=coalesce_busy_connections,
+        )
         self.metrics = metrics
         self.broker = broker or LocalBroker()
         self._frames = metrics.frames_out.inc

@@ -111,6 +111,8 @@ class Hub:
             self.broker,
             coalesce_turns=server.coalesce_turns,
             coalesce_max_delay=server.coalesce_max_delay,
+            coalesce_busy_delay=server.coalesce_busy_delay,
+            coalesce_busy_connections=server.coalesce_busy_connections,
         )
         self.auth = Authenticator(config.auth)
         self.limits = RateLimits(config.limits, self.metrics)
@@ -141,6 +143,7 @@ class Hub:
             outbound_max=lambda: max((c.outbound_buffer() for c in self.sessions), default=0),
             store_buffered=lambda: getattr(self.store, "buffered", 0),
             socket_writes=lambda: self.delivery.outbox.sends,
+            held_flushes=lambda: self.delivery.outbox.held,
         )
 
     # -- lifecycle --------------------------------------------------------

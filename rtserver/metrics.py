@@ -110,6 +110,11 @@ class Metrics:
             "Writes to client sockets; one carries several frames when coalesced",
         )
         r.register(self.socket_writes)
+        self.held_flushes = _LiveCounter(
+            "rtserver_held_flushes",
+            "Flushes held for coalesce_busy_delay because the server was at capacity",
+        )
+        r.register(self.held_flushes)
         self.store_buffered = Gauge(
             "rtserver_store_buffered",
             "Notifications accepted but waiting for an unreachable store",
@@ -127,6 +132,7 @@ class Metrics:
         outbound_max: Callable[[], float],
         store_buffered: Callable[[], float],
         socket_writes: Callable[[], float],
+        held_flushes: Callable[[], float],
     ) -> None:
         """Gauges read live state when scraped instead of being kept in step."""
         self.connections.set_function(connections)
@@ -137,6 +143,7 @@ class Metrics:
         self.outbound_max.set_function(outbound_max)
         self.store_buffered.set_function(store_buffered)
         self.socket_writes.read = socket_writes
+        self.held_flushes.read = held_flushes
 
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)

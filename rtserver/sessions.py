@@ -64,6 +64,18 @@ class Outbox:
     one connection keep their order, and nothing is held across a close
     (``Connection.close`` flushes first).
 
+    Under sustained load the outbox holds longer (``busy_delay``): when the
+    last flush wrote to at least ``busy_connections`` connections and a frame
+    comes less than ``busy_delay`` seconds after it, the frames written from
+    then on wait until ``busy_delay`` after that one, quiet turns or not, and
+    go out in one flush. A server writing to thousands of clients in flush
+    after flush is at capacity: its frames wait behind each other anyway, and
+    holding them gives each client several per write. Per-user sends at
+    capacity went from 0.63 to 0.39 ``send()`` calls a notification and from
+    46,900 to 58,000/s (``busy_delay`` 0.25 s, three alternating runs of
+    three). While the load lasts every frame waits (replies too), at most
+    ``busy_delay``; a frame after a pause goes out at the first quiet turn.
+
     A flush writes its connections in the order of their sockets' file
     descriptors. Per-user sends make a flush's connections a random pick, and
     writing sockets in the order the kernel made them costs less: batched
@@ -72,9 +84,18 @@ class Outbox:
     10,000; a broadcast's are in that order nearly, as they registered).
     """
 
-    def __init__(self, turns: int, max_delay: float = 0.1) -> None:
+    def __init__(
+        self,
+        turns: int,
+        max_delay: float = 0.1,
+        *,
+        busy_delay: float = 0.0,
+        busy_connections: int = 1000,
+    ) -> None:
         self.turns = turns
         self.max_delay = max_delay
+        self.busy_delay = busy_delay
+        self.busy_connections = busy_connections
         #: Frames written so far, and the socket writes that carried them.
         self.writes = 0
         self.sends = 0
@@ -82,16 +103,27 @@ class Outbox:
         self._left = 0
         self._deadline = 0.0
         self._dirty: list[Connection] = []
+        #: The last flush: how many connections it wrote to, and when.
+        self._last_size = 0
+        self._last_at = 0.0
+        #: Flushes made under sustained load (held ``busy_delay``).
+        self.held = 0
 
     def add(self, conn: Connection) -> None:
         """``conn`` has pending frames (called at its first since a flush)."""
         if not self._dirty:
+            now = time.monotonic()
+            if self._last_size >= self.busy_connections and now - self._last_at < self.busy_delay:
+                self.held += 1
+                asyncio.get_running_loop().call_later(self.busy_delay, self.flush)
+                self._dirty.append(conn)
+                return
             self._left = self.turns
             # The count before this turn's first write: the first tick then
             # sees this turn's writes and waits a turn more, so a burst of
             # frames to one connection, one a turn, is coalesced too.
             self._seen = self.writes - 1
-            self._deadline = time.monotonic() + self.max_delay
+            self._deadline = now + self.max_delay
             asyncio.get_running_loop().call_soon(self._tick)
         self._dirty.append(conn)
 
@@ -105,6 +137,7 @@ class Outbox:
 
     def flush(self) -> None:
         dirty, self._dirty = self._dirty, []
+        self._last_size, self._last_at = len(dirty), time.monotonic()
         dirty.sort(key=_by_fd)
         for conn in dirty:
             conn.flush()

@@ -241,6 +241,11 @@ class TestConfig:
             ({"server": {"gc_thresholds": [700, 10]}}, "server.gc_thresholds: expected `array`"),
             ({"server": {"coalesce_turns": -1}}, "server.coalesce_turns: an integer from 0"),
             ({"server": {"coalesce_max_delay": 0}}, "server.coalesce_max_delay: seconds, over 0"),
+            ({"server": {"coalesce_busy_delay": -1}}, "server.coalesce_busy_delay: seconds"),
+            (
+                {"server": {"coalesce_busy_connections": 0}},
+                "server.coalesce_busy_connections: an integer, at least 1",
+            ),
             (
                 {"auth": {"secret": "${RTSERVER_TEST_UNSET_VAR}"}},
                 "auth.secret: environment variable RTSERVER_TEST_UNSET_VAR is not set",

@@ -302,6 +302,64 @@ class TestWriteCoalescing:
         writes = server.hub.get_connection_metrics()["socket_writes_total"] - before
         assert writes < turns / 2
 
+    async def test_at_capacity_frames_wait_for_the_busy_delay(
+        self, start_server: StartServer
+    ) -> None:
+        """Once a flush reached coalesce_busy_connections (2 here), frames that
+        follow within coalesce_busy_delay wait it out across quiet turns and
+        reach each client in one write, in order; the held flush is counted."""
+        server = await start_server(
+            server={"coalesce_busy_delay": 0.3, "coalesce_busy_connections": 2}
+        )
+        clients = [await server.user(u, receipts=False) for u in ("u1", "u2")]
+        await server.replays_done()
+        await server.hub.send_broadcast_notification({"message": "m0"})
+        for c in clients:
+            assert (await c.next("notification"))["message"] == "m0"
+        metrics = server.hub.get_connection_metrics
+        before = metrics()["socket_writes_total"]
+        started = time.monotonic()
+        await server.hub.send_broadcast_notification({"message": "m1"})
+        await asyncio.sleep(0.05)  # quiet turns: frames would have gone out by now
+        await server.hub.send_broadcast_notification({"message": "m2"})
+        for c in clients:
+            assert (await c.next("notification"))["message"] == "m1"
+            assert (await c.next("notification"))["message"] == "m2"
+        assert time.monotonic() - started >= 0.25
+        assert metrics()["socket_writes_total"] - before == 2  # m1 and m2 share one each
+        assert metrics()["held_flushes_total"] == 1
+
+    @pytest.mark.parametrize("busy_delay", [0.0, 0.3])
+    async def test_below_capacity_frames_are_not_held(
+        self, start_server: StartServer, busy_delay: float
+    ) -> None:
+        """A flush to fewer than coalesce_busy_connections clients, a frame after
+        a pause longer than coalesce_busy_delay, and coalesce_busy_delay 0 all
+        leave a push to go out at the first quiet turn."""
+        server = await start_server(
+            server={"coalesce_busy_delay": busy_delay, "coalesce_busy_connections": 2}
+        )
+        one = await server.user("u1", receipts=False)
+        await server.replays_done()
+        metrics = server.hub.get_connection_metrics
+        for _ in range(3):  # each flush reaches one connection: below capacity
+            started = time.monotonic()
+            await server.hub.send_notification("u1", {"message": "solo"})
+            assert (await one.next("notification"))["message"] == "solo"
+            assert time.monotonic() - started < 0.2
+        two = await server.user("u2", receipts=False)
+        await server.replays_done()
+        await server.hub.send_broadcast_notification({"message": "all"})
+        for c in (one, two):
+            assert (await c.next("notification"))["message"] == "all"
+        if busy_delay:
+            await asyncio.sleep(busy_delay + 0.05)  # the load is over
+        started = time.monotonic()
+        await server.hub.send_notification("u1", {"message": "after"})
+        assert (await one.next("notification"))["message"] == "after"
+        assert time.monotonic() - started < 0.2
+        assert metrics()["held_flushes_total"] == 0
+
     async def test_a_close_sends_what_was_written_before_it(self, server: Running) -> None:
         """A push and a close in the same loop turn: the push arrives, then the close."""
         client = await server.user("ivy")

@@ -112,19 +112,20 @@ class Outbox:
     def add(self, conn: Connection) -> None:
         """``conn`` has pending frames (called at its first since a flush)."""
         if not self._dirty:
+            loop = asyncio.get_running_loop()
             now = time.monotonic()
             if self._last_size >= self.busy_connections and now - self._last_at < self.busy_delay:
+                # At capacity: one flush ``busy_delay`` from now, quiet turns or not.
                 self.held += 1
-                asyncio.get_running_loop().call_later(self.busy_delay, self.flush)
-                self._dirty.append(conn)
-                return
-            self._left = self.turns
-            # The count before this turn's first write: the first tick then
-            # sees this turn's writes and waits a turn more, so a burst of
-            # frames to one connection, one a turn, is coalesced too.
-            self._seen = self.writes - 1
-            self._deadline = now + self.max_delay
-            asyncio.get_running_loop().call_soon(self._tick)
+                loop.call_later(self.busy_delay, self.flush)
+            else:
+                self._left = self.turns
+                # The count before this turn's first write: the first tick then
+                # sees this turn's writes and waits a turn more, so a burst of
+                # frames to one connection, one a turn, is coalesced too.
+                self._seen = self.writes - 1
+                self._deadline = now + self.max_delay
+                loop.call_soon(self._tick)
         self._dirty.append(conn)
 
     def _tick(self) -> None:

@@ -72,7 +72,7 @@ class Outbox:
     after flush is at capacity: its frames wait behind each other anyway, and
     holding them gives each client several per write. Per-user sends at
     capacity went from 0.63 to 0.39 ``send()`` calls a notification and
-    13–24% faster (``busy_delay`` 0.25 s; two sets of three alternating runs:
+    13 to 24% faster (``busy_delay`` 0.25 s; two sets of three alternating runs:
     50,800 → 57,300/s and 46,900 → 58,000/s). While the load lasts every frame
     waits (replies too), at most ``busy_delay``; a frame after a pause goes out
     at the first quiet turn.

@@ -305,15 +305,16 @@ class TestWriteCoalescing:
     async def test_at_capacity_frames_wait_for_the_busy_delay(
         self, start_server: StartServer
     ) -> None:
-        """Once a flush reached coalesce_busy_connections (2 here), frames that
-        follow within coalesce_busy_delay wait it out across quiet turns and
-        reach each client in one write, in order; the held flush is counted."""
+        """Once a flush reached coalesce_busy_connections (2 here) with the
+        process busy since the flush before, frames that follow within
+        coalesce_busy_delay wait it out across quiet turns and reach each
+        client in one write, in order; the held flush is counted."""
         server = await start_server(
             server={"coalesce_busy_delay": 0.3, "coalesce_busy_connections": 2}
         )
         clients = [await server.user(u, receipts=False) for u in ("u1", "u2")]
         await server.replays_done()
-        await server.hub.send_broadcast_notification({"message": "m0"})
+        await _busy_flush(server, clients[0], "m0")
         for c in clients:
             assert (await c.next("notification"))["message"] == "m0"
         metrics = server.hub.get_connection_metrics
@@ -329,36 +330,37 @@ class TestWriteCoalescing:
         assert metrics()["socket_writes_total"] - before == 2  # m1 and m2 share one each
         assert metrics()["held_flushes_total"] == 1
 
-    @pytest.mark.parametrize("busy_delay", [0.0, 0.3])
+    @pytest.mark.parametrize("case", ["few clients", "idle", "after a pause", "off"])
     async def test_below_capacity_frames_are_not_held(
-        self, start_server: StartServer, busy_delay: float
+        self, start_server: StartServer, case: str
     ) -> None:
-        """A flush to fewer than coalesce_busy_connections clients, a frame after
-        a pause longer than coalesce_busy_delay, and coalesce_busy_delay 0 all
-        leave a push to go out at the first quiet turn."""
+        """Nothing is held after a busy flush to fewer than
+        coalesce_busy_connections clients, after a big flush by an idle
+        process (a broadcast now and then), after a pause longer than
+        coalesce_busy_delay, or with coalesce_busy_delay 0: the next push goes
+        out at the first quiet turn."""
         server = await start_server(
-            server={"coalesce_busy_delay": busy_delay, "coalesce_busy_connections": 2}
+            server={
+                "coalesce_busy_delay": 0 if case == "off" else 0.3,
+                "coalesce_busy_connections": 3 if case == "few clients" else 2,
+            }
         )
-        one = await server.user("u1", receipts=False)
+        clients = [await server.user(u, receipts=False) for u in ("u1", "u2")]
         await server.replays_done()
-        metrics = server.hub.get_connection_metrics
-        for _ in range(3):  # each flush reaches one connection: below capacity
-            started = time.monotonic()
-            await server.hub.send_notification("u1", {"message": "solo"})
-            assert (await one.next("notification"))["message"] == "solo"
-            assert time.monotonic() - started < 0.2
-        two = await server.user("u2", receipts=False)
-        await server.replays_done()
-        await server.hub.send_broadcast_notification({"message": "all"})
-        for c in (one, two):
-            assert (await c.next("notification"))["message"] == "all"
-        if busy_delay:
-            await asyncio.sleep(busy_delay + 0.05)  # the load is over
+        if case == "idle":
+            await asyncio.sleep(0.2)
+            await server.hub.send_broadcast_notification({"message": "m0"})
+        else:
+            await _busy_flush(server, clients[0], "m0")
+        for c in clients:
+            assert (await c.next("notification"))["message"] == "m0"
+        if case == "after a pause":
+            await asyncio.sleep(0.35)
         started = time.monotonic()
-        await server.hub.send_notification("u1", {"message": "after"})
-        assert (await one.next("notification"))["message"] == "after"
+        await server.hub.send_notification("u1", {"message": "next"})
+        assert (await clients[0].next("notification"))["message"] == "next"
         assert time.monotonic() - started < 0.2
-        assert metrics()["held_flushes_total"] == 0
+        assert server.hub.get_connection_metrics()["held_flushes_total"] == 0
 
     async def test_a_close_sends_what_was_written_before_it(self, server: Running) -> None:
         """A push and a close in the same loop turn: the push arrives, then the close."""
@@ -448,3 +450,14 @@ class TestBadInput:
         await server.hub.send_notification("lee", {"message": "still here"})
         assert (await good.next("notification"))["message"] == "still here"
         assert (await bad.next())["data"]["code"] == "bad_request"
+
+
+async def _busy_flush(server: Running, u1: Client, message: str) -> None:
+    """Flush, keep the process busy for 0.15 s, then broadcast ``message``:
+    its flush finds the process at capacity since the flush before."""
+    await server.hub.send_notification("u1", {"message": "warm-up"})
+    assert (await u1.next("notification"))["message"] == "warm-up"  # flushed
+    busy_until = time.perf_counter() + 0.15
+    while time.perf_counter() < busy_until:
+        pass
+    await server.hub.send_broadcast_notification({"message": message})

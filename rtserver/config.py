@@ -82,10 +82,11 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: writes every frame at once.
     coalesce_turns: int = 32
     coalesce_max_delay: float = 0.1
-    #: Under sustained load (the last flush wrote to at least
-    #: ``coalesce_busy_connections`` connections, and frames keep coming
-    #: within this many seconds of it) frames wait this long, quiet turns or
-    #: not, so that each client gets several per write. 0 turns it off.
+    #: At capacity (the last flush wrote to at least
+    #: ``coalesce_busy_connections`` connections, the process used half a
+    #: core or more since the flush before, and frames keep coming within
+    #: this many seconds of it) frames wait this long, quiet turns or not, so
+    #: that each client gets several per write. 0 turns it off.
     coalesce_busy_delay: float = 0.25
     coalesce_busy_connections: int = 1000
     #: Who speaks WebSocket on plain TCP: "rtserver" (its own RFC 6455 code,

@@ -150,11 +150,8 @@ class Outbox:
             # process has been busy for at least half the time since the last
             # one (a big broadcast now and then is not capacity).
             now, cpu = time.monotonic(), time.process_time()
-            self._busy = len(
-                dirty
-            ) >= self.busy_connections and cpu - self._last_cpu >= _BUSY_SHARE * (
-                now - self._last_at
-            )
+            busy = cpu - self._last_cpu >= _BUSY_SHARE * (now - self._last_at)
+            self._busy = busy and len(dirty) >= self.busy_connections
             self._last_at, self._last_cpu = now, cpu
         dirty.sort(key=_by_fd)
         for conn in dirty:

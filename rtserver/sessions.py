@@ -74,12 +74,12 @@ class Outbox:
     ``busy_delay`` after that one, quiet turns or not, and go out in one flush.
     A server that busy, writing to thousands of clients a flush, is at
     capacity: its frames wait behind each other anyway, and holding them gives
-    each client several per write. A big broadcast now and then is not held. Per-user sends at
-    capacity went from 0.63 to 0.39 ``send()`` calls a notification and
-    13 to 24% faster (``busy_delay`` 0.25 s; two sets of three alternating runs:
-    50,800 → 57,300/s and 46,900 → 58,000/s). While the load lasts every frame
-    waits (replies too), at most ``busy_delay``; a frame after a pause goes out
-    at the first quiet turn.
+    each client several per write. A big broadcast now and then is not held.
+    Per-user sends at capacity went from 0.63 to 0.39 ``send()`` calls a
+    notification and ran 13 to 24% faster (``busy_delay`` 0.25 s; two sets of
+    three alternating runs: 50,800 → 57,300/s and 46,900 → 58,000/s). While
+    the load lasts every frame waits (replies too), at most ``busy_delay``; a
+    frame after a pause goes out at the first quiet turn.
 
     A flush writes its connections in the order of their sockets' file
     descriptors. Per-user sends make a flush's connections a random pick, and
@@ -113,7 +113,7 @@ class Outbox:
         self._last_at = 0.0
         self._last_cpu = 0.0
         self._busy = False
-        #: Flushes made under sustained load (held ``busy_delay``).
+        #: Flushes held ``busy_delay`` at capacity (``rtserver_held_flushes``).
         self.held = 0
 
     def add(self, conn: Connection) -> None:

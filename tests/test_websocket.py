@@ -459,5 +459,5 @@ async def _busy_flush(server: Running, u1: Client, message: str) -> None:
     assert (await u1.next("notification"))["message"] == "warm-up"  # flushed
     busy_until = time.perf_counter() + 0.15
     while time.perf_counter() < busy_until:
-        pass
+        pass  # one loop turn of 0.15 s of CPU
     await server.hub.send_broadcast_notification({"message": message})

@@ -3,7 +3,8 @@
 Every route and event here needs the admin role (403 / ``forbidden``).
 
 Routes: ``POST /api/broadcast``, ``GET /api/admin/sessions``,
-``DELETE /api/admin/sessions/{id}``, ``GET /api/admin/metrics``.
+``DELETE /api/admin/sessions/{id}``, ``GET /api/admin/metrics``,
+``GET /api/admin/dead_letters``, ``DELETE /api/admin/dead_letters/{seq}``.
 Events: ``admin.broadcast``, ``admin.sessions``, ``admin.disconnect``,
 ``admin.metrics``.
 """
@@ -61,11 +62,47 @@ async def metrics_event(ctx: EventContext, data: dict[str, Any]) -> dict[str, An
 
 
 class BroadcastHandler(APIHandler):
-    """``POST /api/broadcast``: a notification to every registered session."""
+    """``POST /api/broadcast``: a notification to every registered session,
+    once per ``Idempotency-Key``."""
 
     async def post(self) -> None:
+        claims = self.claims("admin")
+        payload = self.body()
+
+        async def send(notification_id: str | None) -> tuple[dict[str, Any], int]:
+            delivered = await self.hub.send_broadcast_notification(
+                payload, notification_id=notification_id
+            )
+            return {"delivered": delivered}, 200
+
+        await self.send_once(claims.sub, send)
+
+
+class DeadLettersHandler(APIHandler):
+    """``GET /api/admin/dead_letters``: spooled notifications MongoDB refused
+    after an outage (oldest first, at most 100), for an operator to read."""
+
+    async def get(self) -> None:
         self.claims("admin")
-        self.send({"delivered": await self.hub.send_broadcast_notification(self.body())})
+        spool = getattr(self.hub.store, "spool", None)
+        letters = [] if spool is None else await spool.dead_letters()
+        self.send(
+            {
+                "dead_letters": [msgspec.structs.asdict(d) for d in letters],
+                "count": 0 if spool is None else spool.dead,
+            }
+        )
+
+
+class DeadLetterHandler(APIHandler):
+    """``DELETE /api/admin/dead_letters/{seq}``: dealt with; remove it."""
+
+    async def delete(self, seq: str) -> None:
+        self.claims("admin")
+        spool = getattr(self.hub.store, "spool", None)
+        if spool is None or not seq.isdigit() or not await spool.forget_dead_letter(int(seq)):
+            raise ProtocolError(NOT_FOUND, "no such dead letter", status=404)
+        self.send({"removed": int(seq)})
 
 
 class SessionsHandler(APIHandler):
@@ -113,4 +150,6 @@ def rtserver_routes(config: Config) -> list[Route]:
         Route(r"/api/admin/sessions", SessionsHandler),
         Route(r"/api/admin/sessions/([^/]+)", SessionHandler),
         Route(r"/api/admin/metrics", MetricsJSONHandler),
+        Route(r"/api/admin/dead_letters", DeadLettersHandler),
+        Route(r"/api/admin/dead_letters/([^/]+)", DeadLetterHandler),
     ]

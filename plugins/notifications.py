@@ -14,8 +14,10 @@ from typing import Any
 import msgspec
 
 from rtserver.config import Config
+from rtserver.hub import SendResult
+from rtserver.idempotency import Answer, Keys, check_key, fingerprint
 from rtserver.plugins import EventContext, EventHandler, Route, hookimpl
-from rtserver.protocol import BAD_REQUEST, FORBIDDEN, TOO_LARGE, ProtocolError
+from rtserver.protocol import BAD_REQUEST, FORBIDDEN, TOO_LARGE, ProtocolError, encode_json
 from rtserver.stores.base import MAX_PAGE, StoreError
 from rtserver.web import APIHandler
 
@@ -69,14 +71,21 @@ async def get_notifications(ctx: EventContext, data: GetNotifications) -> dict[s
 
 
 class SendHandler(APIHandler):
-    """``POST /api/notifications/{user_id}`` (publisher or admin)."""
+    """``POST /api/notifications/{user_id}`` (publisher or admin), once per
+    ``Idempotency-Key``."""
 
     async def post(self, user_id: str) -> None:
-        self.claims("publisher")
-        result = await self.hub.send_notification(user_id, self.body())
-        self.send(
-            {"notification": result.notification.to_wire(), "delivered": result.delivered}, 201
-        )
+        claims = self.claims("publisher")
+        payload = self.body()
+
+        async def send(notification_id: str | None) -> tuple[dict[str, Any], int]:
+            result = await self.hub.send_notification(
+                user_id, payload, notification_id=notification_id
+            )
+            wire = result.notification.to_wire()
+            return {"notification": wire, "delivered": result.delivered}, 201
+
+        await self.send_once(claims.sub, send)
 
 
 class NotificationHandler(APIHandler):
@@ -103,6 +112,18 @@ class NotificationHandler(APIHandler):
 class BatchItem(msgspec.Struct, forbid_unknown_fields=True):
     user_id: str
     notification: dict[str, Any]
+    #: This item's own key; else, with an ``Idempotency-Key`` header, the
+    #: header's key and the item's index.
+    idempotency_key: str | None = None
+
+
+def _item_result(result: SendResult | StoreError) -> dict[str, Any]:
+    if isinstance(result, StoreError):
+        error = {"code": "unavailable", "message": "not stored; retry it"}
+        if result.delivered:
+            error["message"] = "not stored, but delivered live"
+        return {"error": error, "delivered": result.delivered}
+    return {"id": result.notification.id, "delivered": result.delivered}
 
 
 class BatchHandler(APIHandler):
@@ -117,23 +138,66 @@ class BatchHandler(APIHandler):
     """
 
     async def post(self) -> None:
-        self.claims("publisher")
+        claims = self.claims("publisher")
         items = self.body(list[BatchItem])
         cap = self.hub.config.limits.max_batch
         if not items or len(items) > cap:
             raise ProtocolError(BAD_REQUEST, f"body: a list of 1 to {cap} items")
-        results = await self.hub.send_notifications([(i.user_id, i.notification) for i in items])
-        out: list[dict[str, Any]] = []
-        failed = 0
-        for result in results:
-            if isinstance(result, StoreError):
-                failed += 1
-                error = {"code": "unavailable", "message": "not stored; retry it"}
-                if result.delivered:
-                    error["message"] = "not stored, but delivered live"
-                out.append({"error": error, "delivered": result.delivered})
+        header = self.idempotency_key(claims.sub)
+        keys: list[str | None] = []
+        for index, item in enumerate(items):
+            if item.idempotency_key is not None:
+                keys.append(Keys.scoped(claims.sub, check_key(item.idempotency_key)))
             else:
-                out.append({"id": result.notification.id, "delivered": result.delivered})
+                keys.append(None if header is None else f"{header}#{index}")
+        if not any(keys):
+            results = await self.hub.send_notifications(
+                [(i.user_id, i.notification) for i in items]
+            )
+            out = [_item_result(r) for r in results]
+            failed = any(isinstance(r, StoreError) for r in results)
+            self.send({"results": out}, 503 if failed else 201)
+            return
+        await self._post_once(items, keys)
+
+    async def _post_once(self, items: list[BatchItem], keys: list[str | None]) -> None:
+        """Items with a key are sent once per key: a repeat gets that item's
+        first result (without sending it again), the rest are sent."""
+        keyed = [i for i, k in enumerate(keys) if k is not None]
+        fps = [fingerprint(items[i].user_id, items[i].notification) for i in keyed]
+        ids = self.hub.new_id.take(len(items))
+        claimed = await self.hub.keys.claim(
+            [keys[i] or "" for i in keyed], fps, [[ids[i]] for i in keyed]
+        )
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        running: list[tuple[int, str]] = []  # (index, key) of keys claimed to run
+        refusal = None
+        for i, fp, claim in zip(keyed, fps, claimed, strict=True):
+            if claim.state == "held":
+                refusal = refusal or Keys.refusal(claim, fp)
+                if refusal is None:
+                    out[i] = msgspec.json.decode(self.hub.keys.replay(claim).body)
+            else:
+                ids[i] = claim.record.ids[0]
+                running.append((i, claim.record.key))
+        if refusal is not None:
+            await self.hub.keys.settle([(key, None) for _, key in running])
+            raise refusal
+        todo = [i for i in range(len(items)) if out[i] is None]
+        answers: dict[str, Answer | None] = {key: None for _, key in running}
+        try:
+            results = await self.hub.send_notifications(
+                [(items[i].user_id, items[i].notification) for i in todo],
+                ids=[ids[i] for i in todo],
+            )
+            for i, result in zip(todo, results, strict=True):
+                out[i] = _item_result(result)
+            for i, key in running:
+                if "id" in (out[i] or {}):
+                    answers[key] = Answer(201, encode_json(out[i]))
+        finally:
+            await self.hub.keys.settle(list(answers.items()))
+        failed = any("error" in (r or {}) for r in out)
         self.send({"results": out}, 503 if failed else 201)
 
 
@@ -152,14 +216,20 @@ class TestSendHandler(APIHandler):
 
 
 class SessionMessageHandler(APIHandler):
-    """``POST /api/sessions/{session_id}/messages`` (publisher or admin)."""
+    """``POST /api/sessions/{session_id}/messages`` (publisher or admin), once
+    per ``Idempotency-Key``."""
 
     async def post(self, session_id: str) -> None:
-        self.claims("publisher")
-        delivered = await self.hub.send_direct_message(session_id, self.body())
-        if not delivered:
-            raise ProtocolError("not_found", "no such session", status=404)
-        self.send({"delivered": delivered})
+        claims = self.claims("publisher")
+        payload = self.body()
+
+        async def send(_: str | None) -> tuple[dict[str, Any], int]:
+            delivered = await self.hub.send_direct_message(session_id, payload)
+            if not delivered:
+                raise ProtocolError("not_found", "no such session", status=404)
+            return {"delivered": delivered}, 200
+
+        await self.send_once(claims.sub, send)
 
 
 class HistoryHandler(APIHandler):

@@ -21,6 +21,9 @@ DEV_SECRET = "dev-only-insecure-secret-change-me-0123456789"
 
 Role = Literal["user", "publisher", "admin"]
 
+#: The largest ``limits.max_notification_bytes`` allowed.
+MAX_NOTIFICATION_BYTES = 2 * 1024 * 1024
+
 
 class ConfigError(Exception):
     """A configuration problem, with a message that names the offending key."""
@@ -53,6 +56,14 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: Per-connection bound on bytes waiting to be written; a client that falls
     #: further behind is disconnected (close 1013, "slow client").
     max_outbound_bytes: int = 4 * 1024 * 1024
+    #: A request repeated with the same ``Idempotency-Key`` header within
+    #: this many seconds gets the first one's answer, without sending again.
+    idempotency_ttl: float = 86400.0
+    #: A key whose first request neither finished nor failed within this many
+    #: seconds (its server died) may be taken by a retry, which runs it again
+    #: with the same notification ids (stored once, pushed again: clients
+    #: drop duplicates). Until then a retry is answered 409.
+    idempotency_lease: float = 30.0
     #: Serve wss:// and https:// with this PEM certificate chain and key.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -132,9 +143,11 @@ class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: How often the server purges expired notifications (seconds). MongoDB
     #: also expires them by itself through TTL indexes.
     cleanup_interval: float = 600.0
-    #: MongoDB: notifications accepted while the database is unreachable wait
-    #: in a buffer of this many; when it is full the API answers 503.
-    buffer_size: int = 10000
+    #: MongoDB: notifications accepted while the database is unreachable are
+    #: journaled to ``<data_dir>/mongodb-spool.db`` (synced before the 201) and
+    #: replayed in order when it returns, or at the next start. Past this many
+    #: bytes spooled the API answers 503.
+    spool_max_bytes: int = 256 * 1024 * 1024
     #: MongoDB: retry delays (exponential backoff with full jitter), seconds.
     retry_base: float = 0.1
     retry_max: float = 5.0
@@ -289,6 +302,19 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
     ):
         if value < 0 or (value == 0 and name != "server.port"):
             raise ConfigError(f"{source}: {name}: must be positive")
+    if config.limits.max_notification_bytes > MAX_NOTIFICATION_BYTES:
+        # Under BSON's 16 MB per document however the JSON is shaped (a list
+        # of small numbers grows about sixfold as BSON).
+        raise ConfigError(
+            f"{source}: limits.max_notification_bytes: at most {MAX_NOTIFICATION_BYTES}"
+            " (2 MiB), so that every store can hold any notification accepted"
+        )
+    if config.store.spool_max_bytes < 4096:
+        raise ConfigError(f"{source}: store.spool_max_bytes: at least 4096")
+    if config.server.idempotency_ttl <= 0 or config.server.idempotency_lease <= 0:
+        raise ConfigError(
+            f"{source}: server.idempotency_ttl and server.idempotency_lease: seconds, over 0"
+        )
     if not 0 <= config.server.coalesce_turns <= 1000:
         raise ConfigError(f"{source}: server.coalesce_turns: an integer from 0 to 1000")
     if not 0 < config.server.coalesce_max_delay <= 10:

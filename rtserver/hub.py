@@ -34,6 +34,7 @@ from rtserver.auth import Authenticator
 from rtserver.broker import make_broker
 from rtserver.config import Config
 from rtserver.delivery import Delivery, frame, notification_frame
+from rtserver.idempotency import Keys
 from rtserver.limits import RateLimits
 from rtserver.log import get_logger
 from rtserver.metrics import Metrics
@@ -116,6 +117,10 @@ class Hub:
         )
         self.auth = Authenticator(config.auth)
         self.limits = RateLimits(config.limits, self.metrics)
+        #: ``Idempotency-Key`` claims and answers, kept in the store.
+        self.keys = Keys(
+            store, self.metrics, ttl=server.idempotency_ttl, lease=server.idempotency_lease
+        )
         self.new_id = IdGenerator()
         self.threadsafe = ThreadSafeAPI(self)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -142,6 +147,7 @@ class Hub:
             outbound=lambda: sum(c.outbound_buffer() for c in self.sessions),
             outbound_max=lambda: max((c.outbound_buffer() for c in self.sessions), default=0),
             store_buffered=lambda: getattr(self.store, "buffered", 0),
+            store_dead_letters=lambda: getattr(self.store, "dead_letters", 0),
             socket_writes=lambda: self.delivery.outbox.sends,
             held_flushes=lambda: self.delivery.outbox.held,
         )
@@ -258,11 +264,17 @@ class Hub:
     # -- sending ----------------------------------------------------------
 
     def make_notification(
-        self, user_id: str | None, payload: Any, *, broadcast: bool = False
+        self,
+        user_id: str | None,
+        payload: Any,
+        *,
+        broadcast: bool = False,
+        notification_id: str | None = None,
     ) -> Notification:
-        """Validate ``payload`` against the limits; raises ``ProtocolError``."""
+        """Validate ``payload`` against the limits; raises ``ProtocolError``.
+        ``notification_id``: one reserved earlier (an idempotent retry)."""
         limits = self.config.limits
-        nid = self.new_id()
+        nid = notification_id or self.new_id()
         return build_notification(
             payload,
             user_id=user_id,
@@ -274,16 +286,20 @@ class Hub:
             broadcast=broadcast,
         )
 
-    async def send_notification(self, user_id: str, payload: dict[str, Any]) -> SendResult:
+    async def send_notification(
+        self, user_id: str, payload: dict[str, Any], *, notification_id: str | None = None
+    ) -> SendResult:
         """Store a notification for ``user_id`` and push it to every live session.
 
         Raises ``ProtocolError`` for an invalid payload and ``StoreError`` when
         it could not be stored (``StoreError.delivered``: sessions that got it
         live all the same). Calls made in the same loop turn are stored with
-        one store call, as ``send_notifications`` would.
+        one store call, as ``send_notifications`` would. ``notification_id``:
+        an id reserved earlier; sent again with it, a notification is stored
+        once (and clients drop the repeated push).
         """
         _check_user_id(user_id)
-        notification = self.make_notification(user_id, payload)
+        notification = self.make_notification(user_id, payload, notification_id=notification_id)
         batch = self._turn_batch
         if batch is None:
             batch = self._turn_batch = _Batch()
@@ -321,14 +337,17 @@ class Hub:
         self.spawn(finish())
 
     async def send_notifications(
-        self, items: Sequence[tuple[str, dict[str, Any]]]
+        self, items: Sequence[tuple[str, dict[str, Any]]], *, ids: Sequence[str] | None = None
     ) -> list[SendResult | StoreError]:
         """Many notifications at once (the batch HTTP API). All are validated
         before any is stored, so a bad item refuses the whole batch
         (``ProtocolError``); they are stored with one store call. Each result
-        is a ``SendResult``, or the ``StoreError`` that kept that one out."""
+        is a ``SendResult``, or the ``StoreError`` that kept that one out.
+        ``ids``: one reserved earlier per item (see ``send_notification``)."""
         notifications = []
-        ids = self.new_id.take(len(items))
+        fresh = ids is None
+        if ids is None:
+            ids = self.new_id.take(len(items))
         created_at = IdGenerator.created_at(ids[0]) if ids else 0.0  # the same for all
         limits = self.config.limits
         for index, (user_id, payload) in enumerate(items):
@@ -339,7 +358,7 @@ class Hub:
                         payload,
                         user_id=user_id,
                         notification_id=ids[index],
-                        created_at=created_at,
+                        created_at=created_at if fresh else IdGenerator.created_at(ids[index]),
                         max_bytes=limits.max_notification_bytes,
                         max_depth=limits.max_depth,
                         max_fields=limits.max_fields,
@@ -476,7 +495,11 @@ class Hub:
         if not isinstance(payload, dict):
             raise ProtocolError("bad_request", "message: must be a JSON object")
         limits = self.config.limits
-        if len(encode_json(payload)) > limits.max_notification_bytes:
+        try:
+            size = len(encode_json(payload))
+        except (TypeError, ValueError) as err:  # a lone surrogate, an unencodable type
+            raise ProtocolError("bad_request", f"message: not JSON: {err}") from None
+        if size > limits.max_notification_bytes:
             raise ProtocolError("too_large", "message: over the size limit", status=413)
         check_shape(
             payload, max_depth=limits.max_depth, max_fields=limits.max_fields, where="message"
@@ -489,13 +512,17 @@ class Hub:
             )
         return 0
 
-    async def send_broadcast_notification(self, payload: dict[str, Any]) -> int:
+    async def send_broadcast_notification(
+        self, payload: dict[str, Any], *, notification_id: str | None = None
+    ) -> int:
         """Push a notification (``"broadcast": true``) to every registered session.
 
         Broadcasts are live only: they are not stored per user. Returns how
         many sessions were reached.
         """
-        notification = self.make_notification(None, payload, broadcast=True)
+        notification = self.make_notification(
+            None, payload, broadcast=True, notification_id=notification_id
+        )
         n = self.delivery.broadcast_framed(notification_frame(notification))
         log.info("broadcast.sent", notification_id=notification.id, delivered=n)
         return n
@@ -823,6 +850,10 @@ class Hub:
 
     async def log_metrics(self) -> None:
         log.info("metrics.snapshot", **self.get_connection_metrics())
+        dead = getattr(self.store, "dead_letters", 0)
+        if dead:
+            # Until an operator reads and removes them (GET /api/admin/dead_letters).
+            log.error("store.dead_letters_unread", count=dead)
 
 
 class ThreadSafeAPI:

@@ -120,6 +120,17 @@ class Metrics:
             "Notifications accepted but waiting for an unreachable store",
             registry=r,
         )
+        self.store_dead_letters = Gauge(
+            "rtserver_store_dead_letters",
+            "Notifications MongoDB refused when the outage spool was replayed, not yet"
+            " removed by an operator (GET /api/admin/dead_letters)",
+            registry=r,
+        )
+        self.idempotent_replays = Counter(
+            "rtserver_idempotent_replays",
+            "Requests answered from an earlier request with the same Idempotency-Key",
+            registry=r,
+        )
 
     def bind_gauges(
         self,
@@ -131,6 +142,7 @@ class Metrics:
         outbound: Callable[[], float],
         outbound_max: Callable[[], float],
         store_buffered: Callable[[], float],
+        store_dead_letters: Callable[[], float],
         socket_writes: Callable[[], float],
         held_flushes: Callable[[], float],
     ) -> None:
@@ -142,6 +154,7 @@ class Metrics:
         self.outbound_bytes.set_function(outbound)
         self.outbound_max.set_function(outbound_max)
         self.store_buffered.set_function(store_buffered)
+        self.store_dead_letters.set_function(store_dead_letters)
         self.socket_writes.read = socket_writes
         self.held_flushes.read = held_flushes
 

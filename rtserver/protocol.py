@@ -247,6 +247,76 @@ def check_shape(obj: Any, *, max_depth: int, max_fields: int, where: str = "data
                     stack.append((v, depth + 1, f"{path}[{i}]"))
 
 
+#: The integers every store holds as they are: BSON's int64 (MongoDB), and
+#: SQLite's JSON body decodes them back unchanged.
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
+def _plain_key(key: Any) -> bool:
+    """A key every store keeps and queries as given: a string without NUL
+    (BSON keys are C strings), not starting with ``$`` and without ``.``
+    (MongoDB reads those as operators and paths)."""
+    return type(key) is str and "\x00" not in key and "." not in key and key[:1] != "$"
+
+
+def _plain_scalar(value: Any) -> bool:
+    """A leaf every store round-trips unchanged: str, bool, None, a finite
+    float, or an int within int64."""
+    if value is None or isinstance(value, str | bool):
+        return True
+    if isinstance(value, int):
+        return INT64_MIN <= value <= INT64_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return False
+
+
+def _storable_flat(obj: dict[Any, Any]) -> bool:
+    """Whether ``obj`` is flat and holds only plain keys and scalars: the usual
+    payload, checked in one pass (``check_storable`` explains the rest)."""
+    for key, value in obj.items():  # noqa: SIM110 (a plain loop: every send passes here)
+        if not (_plain_key(key) and _plain_scalar(value)):
+            return False
+    return True
+
+
+def check_storable(obj: Any, *, where: str = "notification") -> None:
+    """Refuse what some store could not hold exactly as given, naming the
+    field: keys that are not strings, hold NUL or ``.``, or start with ``$``;
+    integers outside signed 64 bits; NaN and infinities; anything that is not
+    a JSON value (tuples, bytes, dates...). Both stores accept exactly what
+    passes, and give it back unchanged."""
+    stack: list[tuple[Any, str]] = [(obj, where)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not _plain_key(key):
+                    raise ProtocolError(BAD_REQUEST, f"{path}: key {key!r} {_key_fault(key)}")
+                stack.append((value, f"{path}.{key}"))
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+        elif not _plain_scalar(node):
+            raise ProtocolError(BAD_REQUEST, f"{path}: {_value_fault(node)}")
+
+
+def _key_fault(key: Any) -> str:
+    if type(key) is not str:
+        return "is not a string"
+    if "\x00" in key:
+        return "holds a NUL character"
+    return "holds '.' or starts with '$' (MongoDB reads those as paths and operators)"
+
+
+def _value_fault(value: Any) -> str:
+    if isinstance(value, int):
+        return f"integer {value} is outside signed 64 bits ({INT64_MIN} to {INT64_MAX})"
+    if isinstance(value, float):
+        return f"{value} is not a finite number"
+    return f"a {type(value).__name__} is not a JSON value (use an object, list, string, number, true, false or null)"
+
+
 class Notification(msgspec.Struct, kw_only=True, gc=False):
     """A stored notification. ``extra`` holds every field the sender added.
 
@@ -383,14 +453,18 @@ def build_notification(
     """
     if not isinstance(payload, dict):
         raise ProtocolError(BAD_REQUEST, "notification: must be a JSON object")
-    size = len(_encoder.encode(payload))
+    try:
+        size = len(_encoder.encode(payload))
+    except (TypeError, ValueError) as err:  # a lone surrogate, an unencodable type
+        raise ProtocolError(BAD_REQUEST, f"notification: not JSON: {err}") from None
     if size > max_bytes:
         raise ProtocolError(
             TOO_LARGE, f"notification: {size} bytes is over the limit of {max_bytes}", status=413
         )
-    # Most payloads are flat and narrow: those need no walk.
-    if len(payload) > max_fields or max_depth < 1 or _nested(payload):
+    # Most payloads are flat, narrow and plain: those need no walk.
+    if len(payload) > max_fields or max_depth < 1 or not _storable_flat(payload):
         check_shape(payload, max_depth=max_depth, max_fields=max_fields, where="notification")
+        check_storable(payload)
     message = payload.get("message")
     if not isinstance(message, str) or not message or message.isspace():
         raise ProtocolError(BAD_REQUEST, "notification.message: required non-empty string")

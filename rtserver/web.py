@@ -12,7 +12,7 @@ import fnmatch
 import inspect
 import socket
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -25,6 +25,7 @@ from tornado.iostream import IOStream, SSLIOStream, StreamBufferFullError, Strea
 from rtserver.auth import Claims, require_role
 from rtserver.config import Role
 from rtserver.hub import Hub
+from rtserver.idempotency import Answer, Keys, body_fingerprint, check_key
 from rtserver.limits import TokenBucket
 from rtserver.log import get_logger
 from rtserver.plugins import EventContext, Plugins, Registered
@@ -376,7 +377,9 @@ class APIHandler(tornado.web.RequestHandler):
         if not origin or not origin_allowed(origin, self.hub.config.server.allowed_origins):
             raise ProtocolError(FORBIDDEN, "origin not allowed", status=403)
         self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
-        self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.set_header(
+            "Access-Control-Allow-Headers", "Authorization, Content-Type, Idempotency-Key"
+        )
         self.set_header("Access-Control-Max-Age", "600")
         self.set_status(204)
         self.finish()
@@ -418,6 +421,37 @@ class APIHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.finish(encode_json(obj))
 
+    def idempotency_key(self, subject: str) -> str | None:
+        """The request's ``Idempotency-Key``, scoped to ``subject`` (the
+        token's), or None; ``bad_request`` when malformed."""
+        key = self.request.headers.get("Idempotency-Key")
+        return None if key is None else Keys.scoped(subject, check_key(key))
+
+    async def send_once(
+        self,
+        subject: str,
+        call: Callable[[str | None], Awaitable[tuple[Any, int]]],
+    ) -> None:
+        """Answer with ``call(notification_id)`` -> (body, status), once per
+        ``Idempotency-Key``: a repeat gets the first answer (see
+        ``rtserver.idempotency``). Without a key the id is None (a new one)."""
+        key = self.idempotency_key(subject)
+        if key is None:
+            body, status = await call(None)
+            self.send(body, status)
+            return
+
+        async def run(ids: Sequence[str]) -> Answer:
+            body, status = await call(ids[0])
+            return Answer(status, encode_json(body))
+
+        fp = body_fingerprint(self.request.method, self.request.path, self.request.body)
+        answer = await self.hub.keys.run(key, fp, [self.hub.new_id()], run)
+        if answer.replayed:
+            self.set_header("Idempotent-Replayed", "true")
+        self.set_status(answer.status)
+        self.finish(answer.body)
+
     # -- errors ----------------------------------------------------------
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
@@ -455,7 +489,7 @@ class APIHandler(tornado.web.RequestHandler):
             )
         else:
             err = ProtocolError(INTERNAL_ERROR, "internal server error", status=500)
-        if err.status == 429 and "retry_after" in err.extra:
+        if err.status in (409, 429) and "retry_after" in err.extra:
             self.set_header("Retry-After", str(max(1, round(err.extra["retry_after"]))))
         self.set_status(err.status)
         self.finish(encode_json({"error": err.as_data()}))
@@ -484,6 +518,7 @@ class ReadyHandler(APIHandler):
                 "broker": "none" if not broker.enabled else "ok" if broker.healthy else "degraded",
                 "node_id": broker.node_id,
                 "buffered": getattr(self.hub.store, "buffered", 0),
+                "dead_letters": getattr(self.hub.store, "dead_letters", 0),
                 "shutting_down": self.hub.shutting_down,
             },
             200 if ready else 503,

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Sequence
 
 from rtserver.protocol import Notification
+from rtserver.stores.keys import Claim, KeyRecord
 
 #: Most rows any single query returns; every read is bounded by it.
 MAX_PAGE = 500
@@ -51,7 +52,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def insert(self, notification: Notification) -> None:
-        """Store one notification. Raises ``StoreError`` when it was not stored."""
+        """Store one notification. Raises ``StoreError`` when it was not stored.
+        An id stored already counts as stored, and the stored row is kept as it
+        is: it is the same notification, sent again (an earlier try landed, or
+        an idempotent retry)."""
 
     async def insert_many(self, notifications: Sequence[Notification]) -> list[StoreError | None]:
         """Store several notifications; one entry per notification in order:
@@ -119,3 +123,22 @@ class Store(abc.ABC):
         """Remove notifications created before ``now - retention``, and read ones
         read before ``now - read_retention``. Returns how many were removed
         (backends that expire by themselves, such as MongoDB TTL, may return 0)."""
+
+    # -- idempotency keys (``rtserver.idempotency``) ----------------------
+
+    @abc.abstractmethod
+    async def claim_keys(
+        self, records: Sequence[KeyRecord], now: float, lease: float
+    ) -> list[Claim]:
+        """Claim each record's key atomically, across every process sharing
+        the store: ``new`` when absent or expired, ``taken`` when an
+        unfinished claim of the same request is older than ``lease`` seconds,
+        else ``held`` with the record in force."""
+
+    @abc.abstractmethod
+    async def finish_keys(self, answers: Sequence[tuple[str, int, bytes]]) -> None:
+        """Keep the answer (key, status, body) given to each key's request."""
+
+    @abc.abstractmethod
+    async def release_keys(self, keys: Sequence[str]) -> None:
+        """These unfinished claims may be taken at once (their runs failed)."""

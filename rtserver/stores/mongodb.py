@@ -18,34 +18,57 @@ A changed retention is applied with ``collMod``, not by failing at start-up.
 Indexes made by earlier versions (``user_read_created``, ``user_undelivered``)
 are dropped once their replacements exist.
 
-Resilience: when MongoDB cannot be reached (at start-up or later) inserts go to
-a bounded in-memory buffer and a background task retries with exponential
-backoff and full jitter, flushing on recovery and at ``close``. Live delivery
-is unaffected; ``ping`` reports False (readiness says degraded); when the
-buffer is full ``insert`` raises ``StoreError`` (HTTP 503) so nothing accepted
-is ever dropped silently.
+Resilience: when MongoDB cannot be reached (at start-up or later) inserts are
+journaled to a local SQLite spool (``rtserver.stores.spool``, synced before the
+caller is answered) and a background task retries with exponential backoff and
+full jitter, replaying the spool in order on recovery and at the next start if
+the process stopped or died first. Live delivery is unaffected; ``ping``
+reports False (readiness says degraded) while anything is spooled; when the
+spool is full (``store.spool_max_bytes``) ``insert`` raises ``StoreError``
+(HTTP 503), so nothing accepted is ever dropped silently. What MongoDB refuses
+when replayed goes to the spool's dead letters (a log event and a metric).
+
+One notification's bad document never costs another its write: batches are
+unordered inserts with per-document results, and a document the driver
+cannot encode is found and refused on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import bson
+from bson.errors import BSONError
 from pymongo import AsyncMongoClient
-from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    PyMongoError,
+)
 
 from rtserver.backoff import Backoff
 from rtserver.config import StoreConfig
 from rtserver.log import get_logger
 from rtserver.protocol import Notification
 from rtserver.stores.base import MAX_PAGE, Store, StoreError
+from rtserver.stores.keys import Claim, KeyRecord
+from rtserver.stores.spool import Spool
 
 log = get_logger("rtserver.store")
 
 DUPLICATE_KEY = 11000
+#: What the driver raises for a document it cannot encode (an int beyond 64
+#: bits, a NUL in a key, over 16 MB): the document's fault, not the server's.
+_UNENCODABLE = (BSONError, OverflowError, ValueError, TypeError)
+#: Spooled notifications replayed per insert command.
+_REPLAY_CHUNK = 500
 _CREDENTIALS = re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]+@")
 
 
@@ -115,6 +138,34 @@ ANY_READ = {"$in": [False, True]}
 # Made by earlier versions, whose pages sorted on created_at then _id; the
 # second key was not in them, so every page sorted all of a user's documents.
 OBSOLETE_INDEXES = ("user_read_created", "user_undelivered")
+#: Delivered marks held in memory while MongoDB is unreachable, at most.
+_MAX_MARKS = 100_000
+
+
+def _key_document(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "_id": record.key,
+        "fingerprint": record.fingerprint,
+        "ids": record.ids,
+        "status": record.status,
+        "body": bson.Binary(record.body),
+        "claimed_at": record.claimed_at,
+        "expires_at": _date(record.expires_at),
+    }
+
+
+def _key_record(doc: Mapping[str, Any]) -> KeyRecord:
+    expires = _ts(doc["expires_at"])
+    assert expires is not None
+    return KeyRecord(
+        key=doc["_id"],
+        fingerprint=doc["fingerprint"],
+        ids=list(doc.get("ids") or []),
+        status=int(doc.get("status") or 0),
+        body=bytes(doc.get("body") or b""),
+        claimed_at=float(doc.get("claimed_at") or 0.0),
+        expires_at=expires,
+    )
 
 
 class MongoStore(Store):
@@ -132,7 +183,8 @@ class MongoStore(Store):
             appname="rtserver",
         )
         self._coll = self._client[config.database][config.collection]
-        self._buffer: dict[str, dict[str, Any]] = {}
+        self._keys = self._client[config.database][f"{config.collection}_keys"]
+        self.spool = Spool(Path(config.data_dir) / "mongodb-spool.db", config.spool_max_bytes)
         self._delivered: dict[str, datetime] = {}
         self._indexes_ready = False
         self._degraded = False
@@ -142,11 +194,19 @@ class MongoStore(Store):
     # -- lifecycle --------------------------------------------------------
 
     async def open(self) -> None:
+        await self.spool.open()
         try:
             await self.ensure_indexes()
         except ConnectionFailure as err:
             log.warning("store.unreachable", backend=self.name, error=redact(str(err)))
             self._degrade()
+        if self.spool.count:
+            # Left by a run that stopped or died during an outage: replayed
+            # first, and what comes meanwhile queues behind it, in order.
+            log.warning("store.spool_found", pending=self.spool.count, path=str(self.spool.path))
+            self._degrade()
+        if self.spool.dead:
+            log.error("store.dead_letters_unread", count=self.spool.dead)
 
     async def ensure_indexes(self) -> None:
         """Create the indexes, or bring TTLs in line with the config (collMod)."""
@@ -190,22 +250,30 @@ class MongoStore(Store):
             if ix.get("name") in OBSOLETE_INDEXES:
                 await self._coll.drop_index(ix["name"])
                 log.info("store.index_dropped", index=ix["name"], replaced=True)
+        # Idempotency keys expire at their own time (a date per key).
+        await self._keys.create_index([("expires_at", 1)], name="expires_ttl", expireAfterSeconds=0)
         self._indexes_ready = True
 
     async def close(self) -> None:
         self._closing = True
-        if self._buffer or self._delivered:
-            try:
-                await self._flush()
-            except PyMongoError as err:
-                log.error(
-                    "store.flush_failed_at_close",
-                    pending=len(self._buffer),
-                    error=redact(str(err)),
-                )
         if self._retry_task is not None:
             self._retry_task.cancel()
             await asyncio.gather(self._retry_task, return_exceptions=True)
+        if self.spool.pending or self._delivered:
+            try:
+                await self._flush()
+            except (PyMongoError, StoreError) as err:
+                log.debug("store.flush_at_close_failed", error=redact(str(err)))
+        if self.spool.count or self.spool.keys:
+            # Nothing is lost: the next start replays it before anything else.
+            log.error(
+                "store.spool_kept",
+                pending=self.spool.count,
+                keys=self.spool.keys,
+                path=str(self.spool.path),
+                reason="mongodb is unreachable; replayed at the next start",
+            )
+        await self.spool.close()
         await self._client.close()
 
     async def ping(self) -> bool:
@@ -219,8 +287,13 @@ class MongoStore(Store):
 
     @property
     def buffered(self) -> int:
-        """Notifications accepted but not yet written (degraded mode)."""
-        return len(self._buffer)
+        """Notifications accepted but not yet written to MongoDB (spooled)."""
+        return self.spool.pending
+
+    @property
+    def dead_letters(self) -> int:
+        """Spooled notifications MongoDB refused, not yet dealt with."""
+        return self.spool.dead
 
     # -- resilience -------------------------------------------------------
 
@@ -231,38 +304,53 @@ class MongoStore(Store):
 
     async def _retry_loop(self) -> None:
         backoff = Backoff(self.config.retry_base, self.config.retry_max)
+        first = True
         while not self._closing:
-            await asyncio.sleep(backoff.next_delay())
+            if not first:
+                await asyncio.sleep(backoff.next_delay())
+            first = False
             try:
                 await self._client.admin.command("ping")
                 if not self._indexes_ready:
                     await self.ensure_indexes()
-                await self._flush()
-                while self._buffer or self._delivered:  # accepted while flushing
+                # Accepted while flushing: spooled behind, flushed too.
+                while self.spool.pending or self.spool.keys or self._delivered:
                     await self._flush()
-            except PyMongoError as err:
+            except (PyMongoError, StoreError) as err:
                 log.debug("store.retry_failed", attempt=backoff.attempt, error=redact(str(err)))
                 continue
-            self._degraded = False  # no await since the buffer was seen empty
+            self._degraded = False  # no await since the spool was seen empty
             log.info("store.recovered", backend=self.name, attempts=backoff.attempt)
             return
 
     async def _flush(self) -> None:
-        """Write the buffer (duplicates mean an earlier try landed) and the
-        delivered marks; what fails stays buffered."""
-        if self._buffer:
-            docs = list(self._buffer.values())
-            try:
-                await self._coll.insert_many(docs, ordered=False)
-            except BulkWriteError as err:
-                fatal = [
-                    e for e in err.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY
-                ]
-                if fatal:
-                    raise
-            for doc in docs:
-                self._buffer.pop(doc["_id"], None)
-            log.info("store.buffer_flushed", count=len(docs))
+        """Replay the spool in order, then the idempotency keys and delivered
+        marks taken meanwhile. Raises while MongoDB is unreachable; what it
+        refuses goes to the dead letters, never blocking the rest."""
+        while self.spool.count:
+            page = await self.spool.peek(_REPLAY_CHUNK)
+            if not page:
+                break
+            errors = await self._insert_docs([to_document(n) for _, n in page])
+            dead = [(seq, str(err)) for (seq, _), err in zip(page, errors, strict=True) if err]
+            done = [seq for (seq, _), err in zip(page, errors, strict=True) if err is None]
+            await self.spool.remove(done, dead)
+            for (_seq, n), err in zip(page, errors, strict=True):
+                if err is not None:
+                    log.error(
+                        "store.dead_letter",
+                        notification_id=n.id,
+                        user_id=n.user_id,
+                        error=str(err),
+                    )
+            log.info("store.spool_flushed", count=len(done), dead=len(dead))
+        while self.spool.keys:
+            records = await self.spool.take_keys(_REPLAY_CHUNK)
+            for record in records:
+                # A key another node recorded first: its answer stands.
+                with contextlib.suppress(DuplicateKeyError):
+                    await self._keys.insert_one(_key_document(record))
+            await self.spool.drop_keys([r.key for r in records])
         if self._delivered:
             marks, self._delivered = self._delivered, {}
             try:
@@ -277,53 +365,61 @@ class MongoStore(Store):
     # -- writes -----------------------------------------------------------
 
     async def insert(self, notification: Notification) -> None:
-        if notification.user_id is None:
-            raise StoreError("only notifications addressed to a user are stored")
-        doc = to_document(notification)
-        if not self._degraded:
-            try:
-                await self._coll.insert_one(doc)
-                return
-            except DuplicateKeyError:
-                return  # an earlier attempt landed
-            except ConnectionFailure as err:
-                log.warning("store.unreachable", backend=self.name, error=redact(str(err)))
-                self._degrade()
-            except PyMongoError as err:
-                raise self._wrap(err) from None
-        error = self._hold(doc)
+        (error,) = await self.insert_many([notification])
         if error is not None:
             raise error
 
-    def _hold(self, doc: dict[str, Any]) -> StoreError | None:
-        """Keep ``doc`` for the retry loop; an error when the buffer is full."""
-        if len(self._buffer) >= self.config.buffer_size and doc["_id"] not in self._buffer:
-            return StoreError("mongodb is unreachable and the write buffer is full")
-        self._buffer[doc["_id"]] = doc
-        return None
-
     async def insert_many(self, notifications: Sequence[Notification]) -> list[StoreError | None]:
-        """One unordered ``insert`` command for all; a duplicate key means an
-        earlier attempt landed. Unreachable: buffered like ``insert``."""
+        """One unordered ``insert`` command for all, with a result for each; a
+        duplicate key means an earlier attempt landed. Unreachable: spooled."""
         if any(n.user_id is None for n in notifications):
             raise StoreError("only notifications addressed to a user are stored")
-        docs = [to_document(n) for n in notifications]
         if not self._degraded:
             try:
-                await self._coll.insert_many(docs, ordered=False)
-                return [None] * len(docs)
-            except BulkWriteError as err:
-                errors: list[StoreError | None] = [None] * len(docs)
-                for e in err.details.get("writeErrors", []):
-                    if e.get("code") != DUPLICATE_KEY:
-                        errors[e["index"]] = StoreError(f"mongodb: {redact(e.get('errmsg', ''))}")
-                return errors
+                return await self._insert_docs([to_document(n) for n in notifications])
             except ConnectionFailure as err:
                 log.warning("store.unreachable", backend=self.name, error=redact(str(err)))
                 self._degrade()
-            except PyMongoError as err:
-                return [self._wrap(err)] * len(docs)
-        return [self._hold(doc) for doc in docs]
+        try:
+            await self.spool.add(notifications)
+        except StoreError as err:
+            return [err] * len(notifications)
+        return [None] * len(notifications)
+
+    async def _insert_docs(self, docs: list[dict[str, Any]]) -> list[StoreError | None]:
+        """Insert ``docs`` unordered: per document None (stored, or stored
+        before) or the error that kept it out. ``ConnectionFailure``
+        propagates (MongoDB is unreachable: nothing is the documents' fault)."""
+        errors: list[StoreError | None] = [None] * len(docs)
+        try:
+            await self._coll.insert_many(docs, ordered=False)
+        except BulkWriteError as err:
+            for e in err.details.get("writeErrors", []):
+                if e.get("code") != DUPLICATE_KEY:
+                    errors[e["index"]] = StoreError(f"mongodb: {redact(e.get('errmsg', ''))}")
+            if err.details.get("writeConcernErrors"):
+                raise self._wrap(err) from None
+        except _UNENCODABLE:
+            # The driver refused before sending: find the documents at fault,
+            # and insert the others.
+            good = []
+            for i, doc in enumerate(docs):
+                try:
+                    bson.encode(doc)
+                    good.append(i)
+                except _UNENCODABLE as err:
+                    errors[i] = StoreError(f"mongodb: cannot store this notification: {err}")
+            if len(good) == len(docs):
+                raise  # not one document's fault after all
+            if good:
+                stored = await self._insert_docs([docs[i] for i in good])
+                for i, error in zip(good, stored, strict=True):
+                    errors[i] = error
+        except ConnectionFailure:
+            raise
+        except PyMongoError as err:
+            return [self._wrap(err)] * len(docs)
+        return errors
 
     async def _set_delivered(
         self, ids: Sequence[str], at: datetime, user_id: str | None = None
@@ -340,10 +436,11 @@ class MongoStore(Store):
             return
         when = _date(at)
         assert when is not None
-        for nid in ids:
-            buffered = self._buffer.get(nid)
-            if buffered is not None and user_id in (None, buffered["user_id"]):
-                buffered.update(delivered=True, delivered_at=when)
+        if self.spool.count and user_id is None:
+            # Scoped marks (from a client) only touch MongoDB's own rows:
+            # spooled ones were pushed by this server, which marks them itself.
+            spooled = await self.spool.mark_delivered(ids, at)
+            ids = [nid for nid in ids if nid not in spooled]
         if self._degraded:
             if user_id is None:  # unscoped marks come from the server itself
                 self._remember_delivered(ids, when)
@@ -357,11 +454,103 @@ class MongoStore(Store):
             raise self._wrap(err) from None
 
     def _remember_delivered(self, ids: Sequence[str], when: datetime) -> None:
-        # Bounded like the buffer; a mark that does not fit only means the
-        # notification may be offered once more (at-least-once), never lost.
-        room = self.config.buffer_size - len(self._delivered)
+        # Bounded; a mark that does not fit only means the notification may
+        # be offered once more (at-least-once), never lost.
+        room = _MAX_MARKS - len(self._delivered)
         for nid in list(ids)[: max(room, 0)]:
             self._delivered.setdefault(nid, when)
+
+    # -- idempotency keys -------------------------------------------------
+
+    async def claim_keys(
+        self, records: Sequence[KeyRecord], now: float, lease: float
+    ) -> list[Claim]:
+        """On MongoDB when it answers (so every node sees the keys), in the
+        spool while it does not (then only this node does, until the spool
+        is replayed)."""
+        if not self._degraded:
+            try:
+                return await self._claim_on_mongodb(records, now, lease)
+            except ConnectionFailure as err:
+                log.warning("store.unreachable", backend=self.name, error=redact(str(err)))
+                self._degrade()
+            except PyMongoError as err:
+                raise self._wrap(err) from None
+        return await self.spool.claim_keys(records, now, lease)
+
+    async def _claim_on_mongodb(
+        self, records: Sequence[KeyRecord], now: float, lease: float
+    ) -> list[Claim]:
+        """One unordered insert for all; each key already there is looked at
+        on its own (a retry: rare)."""
+        claims: list[Claim] = [Claim("new", r) for r in records]
+        taken: list[int] = []
+        try:
+            await self._keys.insert_many([_key_document(r) for r in records], ordered=False)
+        except BulkWriteError as err:
+            for e in err.details.get("writeErrors", []):
+                if e.get("code") != DUPLICATE_KEY:
+                    raise self._wrap(err) from None
+                taken.append(e["index"])
+        for i in taken:
+            claims[i] = await self._claim_existing(records[i], now, lease)
+        return claims
+
+    async def _claim_existing(self, record: KeyRecord, now: float, lease: float) -> Claim:
+        doc = _key_document(record)
+        for _ in range(3):
+            found = await self._keys.find_one({"_id": record.key})
+            if found is None:  # expired and removed meanwhile
+                try:
+                    await self._keys.insert_one(doc)
+                    return Claim("new", record)
+                except DuplicateKeyError:
+                    continue
+            held = _key_record(found)
+            if held.expires_at <= now:
+                # Expired, and the TTL monitor has not removed it yet.
+                replaced = await self._keys.replace_one(
+                    {"_id": record.key, "expires_at": found["expires_at"]}, doc
+                )
+                if replaced.matched_count:
+                    return Claim("new", record)
+                continue
+            if held.takeable(record.fingerprint, now, lease):
+                result = await self._keys.update_one(
+                    {"_id": record.key, "status": 0, "claimed_at": held.claimed_at},
+                    {"$set": {"claimed_at": now}},
+                )
+                if result.matched_count:
+                    held.claimed_at = now
+                    return Claim("taken", held)
+                continue
+            return Claim("held", held)
+        raise StoreError("mongodb: the idempotency key kept changing; try again")
+
+    async def finish_keys(self, answers: Sequence[tuple[str, int, bytes]]) -> None:
+        if self.spool.keys:
+            await self.spool.finish_keys(answers)
+        if self._degraded:
+            return
+        try:
+            for key, status, body in answers:
+                await self._keys.update_one(
+                    {"_id": key}, {"$set": {"status": status, "body": bson.Binary(body)}}
+                )
+        except PyMongoError as err:
+            raise self._wrap(err) from None
+
+    async def release_keys(self, keys: Sequence[str]) -> None:
+        if self.spool.keys:
+            await self.spool.release_keys(keys)
+        if self._degraded:
+            return
+        try:
+            await self._keys.update_many(
+                {"_id": {"$in": list(keys)}, "status": 0}, {"$set": {"claimed_at": 0.0}}
+            )
+        except PyMongoError as err:
+            raise self._wrap(err) from None
 
     async def mark_read(
         self, user_id: str, ids: Sequence[str] | None, at: float

@@ -26,6 +26,15 @@ import msgspec
 from rtserver.log import get_logger
 from rtserver.protocol import Notification
 from rtserver.stores.base import MAX_PAGE, Store, StoreError
+from rtserver.stores.keys import (
+    KEYS_SCHEMA,
+    Claim,
+    KeyRecord,
+    claim_keys,
+    finish_keys,
+    purge_keys,
+    release_keys,
+)
 
 T = TypeVar("T")
 
@@ -49,6 +58,8 @@ CREATE INDEX IF NOT EXISTS notifications_undelivered
 -- begins with its creation millisecond, so no index on created_at is needed)
 CREATE INDEX IF NOT EXISTS notifications_read_at
     ON notifications (read_at) WHERE read_at IS NOT NULL;
+-- one row, written by ``ping`` after a failed write to see if writes work again
+CREATE TABLE IF NOT EXISTS write_probe (k INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
 #: Indexes of earlier versions, dropped at open: each was one more B-tree
 #: written for every row.
@@ -129,6 +140,12 @@ def _notification(row: tuple[Any, ...]) -> Notification:
     )
 
 
+def _probe_write(db: sqlite3.Connection) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT OR REPLACE INTO write_probe (k, at) VALUES (1, julianday('now'))")
+    db.execute("COMMIT")
+
+
 def _delete(sql: str, params: tuple[Any, ...], db: sqlite3.Connection) -> int:
     return int(db.execute(sql, params).rowcount)
 
@@ -154,6 +171,9 @@ class SQLiteStore(Store):
         self._pending: list[tuple[tuple[Notification, ...], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._unsaved = 0  # rows inserted since the last checkpoint
+        #: The last write failed in the store itself (full, read-only):
+        #: ``ping`` says so until a write works again.
+        self._write_failed = False
         # Calls waiting for this loop turn's hand-off to the thread (``_run``).
         self._calls: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
 
@@ -226,7 +246,7 @@ class SQLiteStore(Store):
         # one, at 128 MB of WAL, only backs them up (updates, purges).
         db.execute("PRAGMA cache_size=-32768")
         db.execute("PRAGMA wal_autocheckpoint=32000")
-        db.executescript(_SCHEMA)
+        db.executescript(_SCHEMA + KEYS_SCHEMA)
         dropped = []
         for name in _OBSOLETE_INDEXES:
             found = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?"
@@ -262,10 +282,16 @@ class SQLiteStore(Store):
         self._executor.shutdown(wait=True)
 
     async def ping(self) -> bool:
+        """Reads work and, after a write failed (a full disk, a read-only
+        file), writes work again: a small committed write tells."""
         try:
-            return await self._run(lambda db: db.execute("SELECT 1").fetchone() == (1,))
+            if not self._write_failed:
+                return await self._run(lambda db: db.execute("SELECT 1").fetchone() == (1,))
+            await self._run(_probe_write)
         except StoreError:
             return False
+        self._write_failed = False
+        return True
 
     # -- writes -----------------------------------------------------------
 
@@ -332,7 +358,6 @@ class SQLiteStore(Store):
         self, batch: list[tuple[tuple[Notification, ...], asyncio.Future[None]]]
     ) -> None:
         groups = [group for group, _ in batch]
-        count = sum(map(len, groups))
 
         def insert(db: sqlite3.Connection, verb: str) -> int:
             # Multi-row statements: one sqlite3_step (one GIL hand-off) per
@@ -354,24 +379,19 @@ class SQLiteStore(Store):
             # INSERT OR IGNORE cannot fail half-way, so SQLite keeps no
             # statement journal for it: a plain multi-row INSERT first copies
             # every page it will change there, which was two thirds of the
-            # bytes written per row. A row it skipped broke a constraint (an
-            # id already stored): the batch is written again the plain way,
-            # which fails with SQLite's own error.
+            # bytes written per row. A row it skips has an id stored already:
+            # the same notification sent again, which counts as stored.
             db.execute("BEGIN")
-            if insert(db, "INSERT OR IGNORE") != count:
-                db.execute("ROLLBACK")
-                db.execute("BEGIN")
-                insert(db, "INSERT")
+            insert(db, "INSERT OR IGNORE")
             db.execute("COMMIT")
 
         try:
             await self._run(write)
         except Exception as err:
-            # A row that broke a constraint or could not be made: written
-            # alone, each group fails or not on its own, so one caller's bad
-            # row never costs another caller its write. (Not when the store
-            # itself failed, locked or full: every group would wait and fail
-            # again.)
+            # A row that could not be made: written alone, each group fails
+            # or not on its own, so one caller's bad row never costs another
+            # caller its write. (Not when the store itself failed, locked or
+            # full: every group would wait and fail again.)
             bad_row = not isinstance(err, StoreError) or isinstance(
                 err.__cause__, sqlite3.IntegrityError
             )
@@ -379,11 +399,14 @@ class SQLiteStore(Store):
                 for group in batch:
                     await self._write_batch([group])
                 return
+            if not bad_row:
+                self._write_failed = True
             message = str(err) if isinstance(err, StoreError) else f"sqlite: cannot store: {err!r}"
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(StoreError(message))
             return
+        self._write_failed = False
         for _, fut in batch:
             if not fut.done():
                 fut.set_result(None)
@@ -466,7 +489,21 @@ class SQLiteStore(Store):
                 removed += count
                 if count < _PURGE_CHUNK:
                     break
+        await self._run(lambda db: purge_keys(db, now))
         return removed
+
+    # -- idempotency keys -------------------------------------------------
+
+    async def claim_keys(
+        self, records: Sequence[KeyRecord], now: float, lease: float
+    ) -> list[Claim]:
+        return await self._run(lambda db: claim_keys(db, records, now, lease))
+
+    async def finish_keys(self, answers: Sequence[tuple[str, int, bytes]]) -> None:
+        await self._run(lambda db: finish_keys(db, answers))
+
+    async def release_keys(self, keys: Sequence[str]) -> None:
+        await self._run(lambda db: release_keys(db, keys))
 
     # -- reads ------------------------------------------------------------
 

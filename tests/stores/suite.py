@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
+
 from rtserver.protocol import IdGenerator, Notification
 from rtserver.stores.base import Store
 
@@ -64,6 +66,20 @@ class StoreSuite:
         history = await store.history("many", limit=500)
         assert [n.message for n in history] == [str(i) for i in reversed(range(120))]
         assert await store.unread_count("other") == 1
+
+    async def test_a_stored_id_counts_as_stored_and_keeps_the_first(self, store: Store) -> None:
+        """An id stored already (an earlier try landed, an idempotent retry)
+        is stored, not an error, and the row stays as first written; the
+        other notifications of the batch are stored as usual."""
+        first = note("d", "first")
+        assert await store.insert_many([first]) == [None]
+        again = msgspec.structs.replace(first, message="other")
+        fresh = [note("d", "fresh") for _ in range(3)]
+        assert await store.insert_many([*fresh, again]) == [None] * 4
+        await store.insert(again)
+        found = await store.get("d", first.id)
+        assert found is not None and found.message == "first"
+        assert await store.unread_count("d") == 4
 
     async def test_concurrent_inserts_all_land(self, store: Store) -> None:
         """Many concurrent inserts are all stored (group commit loses none)."""

@@ -38,6 +38,13 @@ from .suite import StoreSuite, note
 REAL_URI = os.environ.get("RTSERVER_TEST_MONGODB_URI")
 
 
+@pytest.fixture(autouse=True)
+def _spool_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's outage spool (``<data_dir>/mongodb-spool.db``, ``data/``
+    by default) lands in the test's own directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 def store_config(uri: str, **overrides: object) -> StoreConfig:
     values: dict[str, object] = {
         "backend": "mongodb",
@@ -131,21 +138,26 @@ class TestMongoStoreOnNx(StoreSuite):
             await s.close()
             server.stop()
 
-    async def test_buffer_full_refuses_instead_of_dropping(self, tmp_path: Path) -> None:
-        """Once the buffer is full, insert raises StoreError: never a silent drop."""
+    async def test_spool_full_refuses_instead_of_dropping(self, tmp_path: Path) -> None:
+        """Once the spool holds ``spool_max_bytes``, insert raises StoreError:
+        never a silent drop; what was spooled stays, on disk."""
         from rtserver.stores.base import StoreError
 
         server = NxServer(tmp_path / "never")
-        s = MongoStore(store_config(server.uri, buffer_size=3))
+        s = MongoStore(store_config(server.uri, spool_max_bytes=4096))
         await s.open()
+        big = "x" * 1000
         for _ in range(3):
-            await s.insert(note("x"))
-        with pytest.raises(StoreError, match="buffer is full"):
-            await s.insert(note("x"))
+            await s.insert(note("x", big))
+        with pytest.raises(StoreError, match="spool is full"):
+            await s.insert(note("x", big))
         assert s.buffered == 3
-        s._closing = True
-        s._buffer.clear()
         await s.close()
+        again = MongoStore(store_config(server.uri))
+        await again.spool.open()
+        assert again.spool.count == 3
+        await again.spool.close()
+        await again._client.close()
 
 
 class TestDocuments:

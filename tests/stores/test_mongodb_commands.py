@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,13 @@ def mock() -> Iterator[MockupDB]:
     server.run()
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _spool_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's outage spool (``<data_dir>/mongodb-spool.db``, ``data/``
+    by default) lands in the test's own directory."""
+    monkeypatch.chdir(tmp_path)
 
 
 def config(uri: str, **overrides: Any) -> StoreConfig:
@@ -95,8 +103,10 @@ async def opened(mock: MockupDB) -> AsyncIterator[MongoStore]:
     (await receive(mock)).replies(
         cursor({"v": 2, "key": {"_id": 1}, "name": "_id_"}, *EXISTING_INDEXES)
     )
+    await answer_ok(mock, 1)  # the idempotency keys' TTL index
     await task
     yield store
+    await store.spool.close()
     await store._client.close()
 
 
@@ -107,8 +117,9 @@ async def test_open_creates_the_indexes_exactly(mock: MockupDB) -> None:
     listing = await receive(mock)
     assert command(listing) == {"listIndexes": "notifications", "cursor": {}}
     listing.replies(cursor({"v": 2, "key": {"_id": 1}, "name": "_id_"}))
-    created = await answer_ok(mock, 4)
+    created = await answer_ok(mock, 5)
     await task
+    await store.spool.close()
     await store._client.close()
     assert created == [
         {
@@ -135,6 +146,10 @@ async def test_open_creates_the_indexes_exactly(mock: MockupDB) -> None:
             "createIndexes": "notifications",
             "indexes": [{"name": "read_ttl", "expireAfterSeconds": 604800, "key": {"read_at": 1}}],
         },
+        {
+            "createIndexes": "notifications_keys",
+            "indexes": [{"name": "expires_ttl", "expireAfterSeconds": 0, "key": {"expires_at": 1}}],
+        },
     ]
     assert list(created[0]["indexes"][0]["key"].items()) == [
         ("user_id", 1),
@@ -159,20 +174,22 @@ async def test_open_replaces_the_indexes_of_earlier_versions(mock: MockupDB) -> 
             *EXISTING_INDEXES[2:],
         )
     )
-    sent = await answer_ok(mock, 4)
+    sent = await answer_ok(mock, 5)
     await task
+    await store.spool.close()
     await store._client.close()
     assert [next(iter(cmd.items())) for cmd in sent] == [
         ("createIndexes", "notifications"),
         ("createIndexes", "notifications"),
         ("dropIndexes", "notifications"),
         ("dropIndexes", "notifications"),
+        ("createIndexes", "notifications_keys"),
     ]
     assert [cmd["indexes"][0]["name"] for cmd in sent[:2]] == [
         "user_read_id",
         "user_undelivered_id",
     ]
-    assert [cmd["index"] for cmd in sent[2:]] == ["user_read_created", "user_undelivered"]
+    assert [cmd["index"] for cmd in sent[2:4]] == ["user_read_created", "user_undelivered"]
 
 
 async def test_changed_retention_uses_collmod(mock: MockupDB) -> None:
@@ -186,7 +203,9 @@ async def test_changed_retention_uses_collmod(mock: MockupDB) -> None:
         "index": {"keyPattern": {"created_at": 1}, "expireAfterSeconds": 864000},
     }
     request.ok()
+    await answer_ok(mock, 1)  # the idempotency keys' TTL index
     await task
+    await store.spool.close()
     await store._client.close()
 
 

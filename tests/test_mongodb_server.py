@@ -91,19 +91,20 @@ async def test_shutdown_flushes_buffered_writes(start_server: StartServer, tmp_p
         nx.stop()
 
 
-async def test_buffer_full_answers_503(start_server: StartServer, tmp_path: Path) -> None:
-    """With the database down and the buffer full, the API answers 503 unavailable."""
+async def test_spool_full_answers_503(start_server: StartServer, tmp_path: Path) -> None:
+    """With the database down and the spool full, the API answers 503 unavailable."""
     nx = NxServer(tmp_path / "nx")
     nx.start()
     try:
-        srv = await start_server(config=mongo_config(tmp_path, nx, buffer_size=2))
+        srv = await start_server(config=mongo_config(tmp_path, nx, spool_max_bytes=4096))
         token = srv.token("svc", "publisher")
         nx.stop()
+        big = {"message": "x", "pad": "p" * 1500}
         codes = [
-            (await srv.http("POST", "/api/notifications/u", {"message": "x"}, token=token))[0]
+            (await srv.http("POST", "/api/notifications/u", big, token=token))[0]
             for _ in range(3)
         ]
-        status, body = await srv.http("POST", "/api/notifications/u", {"message": "x"}, token=token)
+        status, body = await srv.http("POST", "/api/notifications/u", big, token=token)
         assert codes == [201, 201, 503]
         assert status == 503 and body["error"]["code"] == "unavailable"
         nx.start()
@@ -113,17 +114,20 @@ async def test_buffer_full_answers_503(start_server: StartServer, tmp_path: Path
 
 async def test_not_stored_but_delivered_says_so(start_server: StartServer, tmp_path: Path) -> None:
     """A live session gets the push before the write; when the write is then
-    refused (database down, buffer full) the 503 says it was delivered live."""
+    refused (database down, spool full) the 503 says it was delivered live."""
     nx = NxServer(tmp_path / "nx")
     nx.start()
     try:
-        srv = await start_server(config=mongo_config(tmp_path, nx, buffer_size=1))
+        srv = await start_server(config=mongo_config(tmp_path, nx, spool_max_bytes=4096))
         tab = await srv.user("u", receipts=False)
         token = srv.token("svc", "publisher")
         nx.stop()
-        ok, _ = await srv.http("POST", "/api/notifications/u", {"message": "kept"}, token=token)
+        pad = "p" * 2500
+        ok, _ = await srv.http(
+            "POST", "/api/notifications/u", {"message": "kept", "pad": pad}, token=token
+        )
         status, body = await srv.http(
-            "POST", "/api/notifications/u", {"message": "live only"}, token=token
+            "POST", "/api/notifications/u", {"message": "live only", "pad": pad}, token=token
         )
         assert ok == 201 and status == 503
         assert body["error"]["code"] == "unavailable" and body["error"]["delivered"] == 1
@@ -135,7 +139,7 @@ async def test_not_stored_but_delivered_says_so(start_server: StartServer, tmp_p
         status, body = await srv.http(
             "POST",
             "/api/notifications",
-            [{"user_id": "u", "notification": {"message": "batch"}}],
+            [{"user_id": "u", "notification": {"message": "batch", "pad": pad}}],
             token=token,
         )
         assert status == 503 and body["results"] == [

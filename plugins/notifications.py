@@ -150,6 +150,9 @@ class BatchHandler(APIHandler):
                 keys.append(Keys.scoped(claims.sub, check_key(item.idempotency_key)))
             else:
                 keys.append(None if header is None else f"{header}#{index}")
+        named = [k for k in keys if k is not None]
+        if len(set(named)) < len(named):
+            raise ProtocolError(BAD_REQUEST, "body: two items have the same idempotency_key")
         if not any(keys):
             results = await self.hub.send_notifications(
                 [(i.user_id, i.notification) for i in items]

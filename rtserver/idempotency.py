@@ -97,20 +97,34 @@ class Keys:
     ) -> list[Claim]:
         """Claim ``keys`` (scoped already), each with the ids its run will use
         if it is new; waits first for runs of the same keys in this process."""
-        waiting = [self._running[k] for k in keys if k in self._running]
-        if waiting:
+        while True:
+            waiting = [self._running[k] for k in keys if k in self._running]
+            if not waiting:
+                break
             await asyncio.gather(*(asyncio.shield(w) for w in waiting), return_exceptions=True)
+        # Marked running before the store is asked, so a repeat arriving
+        # meanwhile waits here instead of finding an unfinished claim.
+        loop = asyncio.get_running_loop()
+        for k in keys:
+            self._running[k] = loop.create_future()
         now = time.time()
         records = [
             KeyRecord(key=k, fingerprint=f, ids=list(i), claimed_at=now, expires_at=now + self.ttl)
             for k, f, i in zip(keys, fingerprints, ids, strict=True)
         ]
-        claims = await self.store.claim_keys(records, now, self.lease)
-        loop = asyncio.get_running_loop()
-        for claim in claims:
-            if claim.state != "held":
-                self._running[claim.record.key] = loop.create_future()
+        try:
+            claims = await self.store.claim_keys(records, now, self.lease)
+        except BaseException:
+            self._done(keys)
+            raise
+        self._done([c.record.key for c in claims if c.state == "held"])
         return claims
+
+    def _done(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            waiter = self._running.pop(key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     @staticmethod
     def refusal(claim: Claim, fingerprint: str) -> ProtocolError | None:
@@ -150,10 +164,7 @@ class Keys:
             # runs again with the same ids, so nothing is sent twice.
             log.warning("idempotency.settle_failed", keys=len(answers), error=str(err))
         finally:
-            for key, _ in answers:
-                waiter = self._running.pop(key, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+            self._done([key for key, _ in answers])
 
     async def run(
         self,

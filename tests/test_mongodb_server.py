@@ -101,8 +101,7 @@ async def test_spool_full_answers_503(start_server: StartServer, tmp_path: Path)
         nx.stop()
         big = {"message": "x", "pad": "p" * 1500}
         codes = [
-            (await srv.http("POST", "/api/notifications/u", big, token=token))[0]
-            for _ in range(3)
+            (await srv.http("POST", "/api/notifications/u", big, token=token))[0] for _ in range(3)
         ]
         status, body = await srv.http("POST", "/api/notifications/u", big, token=token)
         assert codes == [201, 201, 503]

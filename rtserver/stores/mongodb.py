@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import bson
+from bson.codec_options import TypeDecoder, TypeRegistry
 from bson.errors import BSONError
+from bson.int64 import Int64
 from pymongo import AsyncMongoClient
 from pymongo.errors import (
     BulkWriteError,
@@ -168,6 +170,16 @@ def _key_record(doc: Mapping[str, Any]) -> KeyRecord:
     )
 
 
+class _PlainInt(TypeDecoder):
+    bson_type = Int64
+
+    def transform_bson(self, value: Any) -> int:
+        return int(value)
+
+
+_PLAIN_INTS = TypeRegistry([_PlainInt()])
+
+
 class MongoStore(Store):
     name = "mongodb"
 
@@ -182,7 +194,12 @@ class MongoStore(Store):
             tz_aware=True,
             appname="rtserver",
         )
-        self._coll = self._client[config.database][config.collection]
+        # Integers past 32 bits come back as plain ints, as they were given
+        # (BSON's Int64 is an int subclass no JSON encoder here knows).
+        codec = self._client.codec_options.with_options(type_registry=_PLAIN_INTS)
+        self._coll = self._client[config.database].get_collection(
+            config.collection, codec_options=codec
+        )
         self._keys = self._client[config.database][f"{config.collection}_keys"]
         self.spool = Spool(Path(config.data_dir) / "mongodb-spool.db", config.spool_max_bytes)
         self._delivered: dict[str, datetime] = {}

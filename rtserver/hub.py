@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
@@ -58,6 +59,14 @@ log = get_logger("rtserver")
 def _check_user_id(user_id: Any) -> None:
     if not isinstance(user_id, str) or not user_id or len(user_id) > 256:
         raise ProtocolError("bad_request", "user_id: required string of 1 to 256 characters")
+
+
+def _made_at(notification_id: str) -> float:
+    """When a notification was made, from its id (-inf if the id says not)."""
+    try:
+        return IdGenerator.created_at(notification_id)
+    except ValueError:
+        return -math.inf
 
 
 class SendResult(msgspec.Struct, frozen=True, gc=False):
@@ -725,10 +734,78 @@ class Hub:
 
     def connection_gone(self, conn: Connection) -> None:
         """A connection closed: forget it (and the user's channel, if it was
-        the user's last session on this node)."""
+        the user's last session on this node). What a session without
+        receipts was sent but still queues is undelivered again at once
+        (``_requeue``), until its socket is done (``connection_finished``)."""
         self.sessions.remove(conn)
-        if conn.user_id is not None and not self.sessions.view_of_user(conn.user_id):
-            self.broker.unwatch_user(conn.user_id)
+        user_id = conn.user_id
+        if user_id is None:
+            return
+        if not conn.receipts:
+            lost = conn.unsent_notifications()
+            if lost:
+                conn.requeued = self._requeue(user_id, lost)
+        if not self.sessions.view_of_user(user_id):
+            self.broker.unwatch_user(user_id)
+
+    def connection_finished(self, conn: Connection) -> None:
+        """The socket of a gone session is done. Of what it still queued when
+        it was gone, what left after all (a peer that read on through the
+        closing handshake) is delivered again; the rest stays undelivered,
+        for the user's next register."""
+        requeued, conn.requeued = conn.requeued, None
+        if not requeued or conn.user_id is None:
+            return
+        still = set(conn.unsent_notifications())
+        left = [nid for nid in requeued if nid not in still]
+        lost = len(requeued) - len(left)
+        if lost:
+            self.metrics.requeued.inc(lost)
+            log.info(
+                "delivery.requeued",
+                user_id=conn.user_id,
+                session_id=conn.session_id,
+                count=lost,
+                reason=conn.close_reason,
+            )
+        if left:
+            self.spawn(self._mark_delivered_again(conn.user_id, left))
+
+    def _requeue(self, user_id: str, ids: list[str]) -> list[str]:
+        """Notifications counted delivered because a session now gone was
+        sent them, though they were still queued here: undelivered again, so
+        the user's next register offers them, unless another session of the
+        user here, open since before they were made, has them. Returns the
+        ids made undelivered."""
+        others = [c for c in self.sessions.view_of_user(user_id) if not c.closed and not c.receipts]
+        if others:
+            held = {nid for c in others for nid in c.unsent_notifications()}
+            since = min(c.registered_at or math.inf for c in others)
+            ids = [nid for nid in ids if nid in held or _made_at(nid) < since]
+            if not ids:
+                return []
+        lost = set(ids)
+        self._delivered = [m for m in self._delivered if m[1] not in lost]
+        self.spawn(self._mark_undelivered(user_id, ids))
+        return ids
+
+    async def _mark_delivered_again(self, user_id: str, ids: list[str]) -> None:
+        try:
+            await self._store_op(
+                "mark_delivered", self.store.mark_delivered(ids, time.time(), user_id=user_id)
+            )
+        except StoreError as err:
+            # Offered once more at the next register: at least once, never lost.
+            log.warning("delivery.mark_failed", user_id=user_id, error=str(err))
+
+    async def _mark_undelivered(self, user_id: str, ids: list[str]) -> None:
+        saving = self._rows_pending(user_id)
+        if saving:
+            await asyncio.gather(*saving)  # rows written as delivered: after them
+        try:
+            await self._store_op("mark_undelivered", self.store.mark_undelivered(user_id, ids))
+        except StoreError as err:
+            log.error("delivery.requeue_failed", user_id=user_id, ids=ids, error=str(err))
 
     def deliver_from_cluster(
         self, user_id: str, framed: bytes, nid: str | None, exclude_session: str | None

@@ -70,6 +70,12 @@ class Metrics:
             "Unconfirmed notifications pushed again to another session",
             registry=r,
         )
+        self.requeued = Counter(
+            "rtserver_requeued",
+            "Notifications sent to a session without receipts that ended before"
+            " the kernel took them: undelivered again, offered at the next register",
+            registry=r,
+        )
         self.confirm_seconds = Histogram(
             "rtserver_receipt_seconds",
             "From push to receipt, for receipts-sessions",

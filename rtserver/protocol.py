@@ -216,6 +216,41 @@ _header16 = struct.Struct("!BBH").pack
 _header64 = struct.Struct("!BBQ").pack
 
 
+class _Pushed(msgspec.Struct):
+    event: str = ""
+    data: Any = None
+
+
+_decode_pushed = msgspec.json.Decoder(_Pushed).decode
+
+
+def pushed_notification_ids(frames: bytes, sent: int = 0) -> list[str]:
+    """The ids of the user notifications (not broadcasts) in ``frames``,
+    whole text frames as ``ws_text_frame`` makes them, that end past byte
+    ``sent``: those a peer that got only the first ``sent`` bytes lacks."""
+    ids: list[str] = []
+    pos, end = 0, len(frames)
+    while pos + 2 <= end:
+        size, head = frames[pos + 1] & 0x7F, 2
+        if size == 126:
+            size, head = int.from_bytes(frames[pos + 2 : pos + 4]), 4
+        elif size == 127:
+            size, head = int.from_bytes(frames[pos + 2 : pos + 10]), 10
+        stop = pos + head + size
+        if stop > sent and frames[pos] == 0x81:
+            try:
+                pushed = _decode_pushed(frames[pos + head : stop])
+            except msgspec.DecodeError:
+                pushed = None
+            data = pushed.data if pushed is not None and pushed.event == "notification" else None
+            if isinstance(data, dict) and not data.get("broadcast"):
+                nid = data.get("id")
+                if isinstance(nid, str):
+                    ids.append(nid)
+        pos = stop
+    return ids
+
+
 def _nested(obj: dict[str, Any]) -> bool:
     """Whether a value of ``obj`` is an object or a list (else it is flat)."""
     for value in obj.values():  # noqa: SIM110 (any() over a generator: twice as slow, every send)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
 from rtserver.config import Role
+from rtserver.protocol import pushed_notification_ids
 
 
 class Stream(Protocol):
@@ -178,6 +179,9 @@ class Connection:
         "_sock",
         "_stream",
         "_transport",
+        "_unsent",
+        "_unsent_from",
+        "_unsent_size",
         "claims",
         "close_reason",
         "closed",
@@ -185,12 +189,14 @@ class Connection:
         "expires_at",
         "in_dispatch",
         "last_seen",
+        "on_finished",
         "on_gone",
         "on_slow",
         "ping_sent_at",
         "receipts",
         "registered_at",
         "remote_ip",
+        "requeued",
         "role",
         "session_id",
         "state",
@@ -221,12 +227,23 @@ class Connection:
         # While offline delivery is replaying, pushes wait here (frame, id).
         self._replay_queue: list[tuple[bytes, str | None]] | None = None
         self._replayed: set[str] | None = None
+        # Frames queued on the stream, not yet with the kernel (``_keep``):
+        # bytes in all, and how much of the first the kernel took already.
+        self._unsent: list[bytes] | None = None
+        self._unsent_size = 0
+        self._unsent_from = 0
         self._after_reply: list[Callable[[], Any]] = []
         self.in_dispatch = False
         self.on_slow: Callable[[Connection], None] | None = None
         #: Called once when the connection stops being usable (close started,
         #: peer gone, or aborted): the handler unregisters the session there.
         self.on_gone: Callable[[Connection], None] | None = None
+        #: Called once when the socket is done (closed, or about to be
+        #: dropped): what it still queues will never leave.
+        self.on_finished: Callable[[Connection], None] | None = None
+        #: Notifications this session was sent but still queued when it was
+        #: gone, made undelivered again then (``Hub.connection_gone``).
+        self.requeued: list[str] | None = None
         self._gone = False
         #: Heartbeat bookkeeping (time.monotonic()): last sign of life, and when the
         #: unanswered ping was sent (None when none is outstanding).
@@ -279,32 +296,116 @@ class Connection:
     def _send(self, data: bytes) -> bool:
         """Fast path: when nothing is queued on a plain (non-TLS) stream, the
         bytes go straight to the socket with one ``send()``; only what the
-        kernel does not take is queued on the stream (no Future, no Task)."""
+        kernel does not take is queued on the stream (no Future, no Task).
+
+        What is queued is also remembered (``_keep``) until the stream has
+        handed it to the kernel: if the connection ends first, those
+        notifications were not delivered (``unsent_notifications``)."""
         stream = self._stream
         if stream is None or stream.closed():
             return False
-        sock = self._sock
-        if sock is not None and not stream.writing():
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                return False  # the stream notices the dead socket on its own
-            if sent == len(data):
-                return True
-            data = data[sent:]
+        sent = 0
+        if not stream.writing():
+            self._unsent = None  # all queued before is with the kernel now
+            sock = self._sock
+            if sock is not None:
+                try:
+                    sent = sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    return False  # the stream notices the dead socket on its own
+                if sent == len(data):
+                    return True
+        self._keep(data, sent)
         try:
-            stream.write(data)
+            written = stream.write(data[sent:] if sent else data)
         except StreamClosedError:
             return False
         except StreamBufferFullError:
-            stream.max_write_buffer_size = None  # let the close frame queue
+            # This frame and the close frame queue past the bound, so that
+            # all this session was sent is in the stream, in order, and
+            # counted there (``unsent_notifications``).
+            stream.max_write_buffer_size = None
+            stream.write(data[sent:] if sent else data)
             if self.on_slow is not None:
                 self.on_slow(self)
             self.close(1013, "slow client: outbound queue full")
             return False
+        if isinstance(written, asyncio.Future):
+            written.add_done_callback(self._written)  # Tornado's IOStream
+        self._prune()
         return True
+
+    # What was written but not yet handed to the kernel. A stream queues
+    # bytes in order, so it holds the last ``outbound_bytes()`` of what went
+    # to it: the frames (whole, as written) that end in those bytes are the
+    # ones a peer gone now would lack. Control frames written past this list
+    # only make that count larger, so the reckoning errs towards "not
+    # delivered" (offered again: at least once), never the other way.
+
+    def _keep(self, data: bytes, sent: int) -> None:
+        """``data`` goes to the stream after the kernel took ``sent`` bytes."""
+        if self._unsent is None:
+            self._unsent = [data]
+            self._unsent_size = len(data)
+            self._unsent_from = sent
+        else:
+            self._unsent.append(data)
+            self._unsent_size += len(data)
+
+    def _prune(self) -> None:
+        """Forget the frames the kernel has taken since (the stream's queue
+        no longer reaches back to them)."""
+        unsent = self._unsent
+        if unsent is None:
+            return
+        queued = self._transport.outbound_bytes()
+        if not queued:
+            self._unsent = None
+            return
+        size, drop = self._unsent_size, 0
+        while drop < len(unsent) - 1 and size - len(unsent[drop]) >= queued:
+            size -= len(unsent[drop])
+            drop += 1
+        if drop:
+            del unsent[:drop]
+        self._unsent_size = size
+        self._unsent_from = max(0, size - queued)
+
+    def _written(self, future: asyncio.Future[None]) -> None:
+        stream = self._stream
+        if future.cancelled() or future.exception() is not None or stream is None:
+            return  # the stream closed: what it queued did not leave
+        if not stream.writing():
+            self.drained()
+
+    def drained(self) -> None:
+        """The stream has handed everything queued to the kernel."""
+        self._unsent = None
+
+    def unsent_notifications(self) -> list[str]:
+        """Ids of the user notifications written to this connection that the
+        kernel has not taken, or may not have: frames still pending, still
+        queued on the stream (or dropped with it), and pushes held back by a
+        replay. For a connection that is gone, whose session counted them as
+        delivered."""
+        ids: list[str] = []
+        unsent = self._unsent
+        if unsent is not None:
+            if self._transport.outbound_bytes():
+                self._prune()  # a stream dropped at abort says 0: keep all
+            first = self._unsent_from
+            for blob in unsent:
+                ids += pushed_notification_ids(blob, first)
+                first = 0
+        pending = self._pending
+        if pending is not None:
+            for blob in pending if isinstance(pending, list) else [pending]:
+                ids += pushed_notification_ids(blob)
+        if self._replay_queue:
+            ids += [nid for _, nid in self._replay_queue if nid is not None]
+        return ids
 
     def attach(self, stream: Stream | None, sock: socket.socket | None) -> None:
         """The stream to write to and, on plain TCP only, its socket for direct
@@ -387,6 +488,13 @@ class Connection:
             self._gone = True
             if self.on_gone is not None:
                 self.on_gone(self)
+
+    def finished(self) -> None:
+        """The socket is done; runs ``on_finished`` once (after ``gone``)."""
+        self.gone()
+        callback, self.on_finished = self.on_finished, None
+        if callback is not None:
+            callback(self)
 
     def ping(self, now: float) -> None:
         self.ping_sent_at = now

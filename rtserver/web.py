@@ -198,6 +198,7 @@ class Endpoint:
             conn.attach(stream, sock)
         conn.on_slow = self._on_slow
         conn.on_gone = self._gone
+        conn.on_finished = hub.connection_finished
         hub.sessions.add(conn)
         hub.metrics.connections_total.inc()
         structlog.contextvars.bind_contextvars(session_id=conn.session_id)
@@ -324,7 +325,7 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         if self.conn is not None:
-            self.conn.gone()
+            self.conn.finished()
 
 
 def retry_after(err: ProtocolError) -> str:

@@ -299,6 +299,9 @@ class WebSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        # ``resume_writing`` as soon as the queue is empty: what the
+        # Connection remembers as queued is with the kernel then.
+        transport.set_write_buffer_limits(high=0)
         transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + self._key + b"\r\n\r\n"
@@ -320,12 +323,19 @@ class WebSocket(asyncio.Protocol):
             return
         self._read()
 
+    def pause_writing(self) -> None:
+        pass  # the Connection bounds its own queue (``max_write_buffer_size``)
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.drained()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = self._closing = True
         if self._timer is not None:
             self._timer.cancel()
         if self.conn is not None:
-            self._ctx.run(self.conn.gone)
+            self._ctx.run(self.conn.finished)
 
     # -- inbound ------------------------------------------------------------
 
@@ -480,6 +490,8 @@ class WebSocket(asyncio.Protocol):
 
     def abort(self) -> None:
         self._closing = True
+        if self.conn is not None:
+            self._ctx.run(self.conn.finished)  # while the queue can still be read
         self._transport.abort()
 
     def send_ping(self) -> None:

@@ -6,6 +6,8 @@ real processes, kill -9 included, are in ``test_faults.py``.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -15,10 +17,13 @@ from typing import Any
 
 import pytest
 
+from rtserver import websocket
 from rtserver.protocol import ProtocolError
 from rtserver.stores.keys import KeyRecord
 
 from .conftest import Running, StartServer, make_config
+from .rawws import RawWebSocket
+from .test_operations import wait_until
 
 POISON: list[tuple[dict[str, Any], str]] = [
     ({"message": "m", "n": 123456789012345678901234567890}, "notification.n: integer"),
@@ -347,3 +352,77 @@ async def test_a_full_disk_answers_503_and_readiness_says_so(
     await send(60)
     assert await stored_ids(srv, "u") == accepted
     shutil.rmtree(small_disk / "nothing", ignore_errors=True)
+
+
+class TestQueuedIsNotDelivered:
+    """Without receipts a notification counts as delivered once the kernel
+    has it, not while it waits in rtserver's own queue: a session that ends
+    with frames still queued (cut off as a slow client, or gone abruptly)
+    leaves those undelivered, and the next register offers them."""
+
+    async def test_a_slow_client_cut_off_gets_the_rest_at_the_next_register(
+        self, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A client that stops reading is cut off (1013) and never answers the
+        close: what the server still queued when it dropped the socket comes
+        at the next register; what its kernel had come before, exactly once."""
+        monkeypatch.setattr(websocket, "CLOSE_TIMEOUT", 0.3)
+        srv = await start_server(
+            server={"max_outbound_bytes": 256 * 1024}, limits={"max_notification_bytes": 100_000}
+        )
+        slow = await RawWebSocket.open(srv.port, rcvbuf=4096)
+        assert (await slow.register(srv.token("slow")))["event"] == "ack"
+        body = "x" * 20_000
+        sent = []
+        for i in range(300):
+            result = await srv.hub.send_notification("slow", {"message": body, "n": i})
+            sent.append(result.notification.id)
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        assert await wait_until(lambda: srv.hub.metrics.requeued._value.get() > 0)
+        requeued = int(srv.hub.metrics.requeued._value.get())
+        # What reached the client's kernel whole, read only now.
+        received = []
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            while True:
+                opcode, payload = await slow.frame(timeout=1)
+                if opcode == 0x1:
+                    received.append(json.loads(payload)["data"]["id"])
+        slow.close()
+        assert received == sent[: len(received)] and len(received) < len(sent)
+        again = await srv.user("slow", receipts=False)
+        backlog = len(sent) - len(received)
+        replayed = [(await again.next("notification"))["id"] for _ in range(backlog)]
+        # Nothing lost. A frame the kernel had whole may come twice (the close
+        # frame counts as queued too: the reckoning errs that way), no more.
+        assert set(received) | set(replayed) == set(sent)
+        assert len(set(received) & set(replayed)) <= 1
+        assert requeued >= 5  # the queue held 256 KiB of 20 KB frames
+
+    async def test_a_peer_gone_abruptly_leaves_the_queued_undelivered(
+        self, start_server: StartServer
+    ) -> None:
+        srv = await start_server(
+            server={"max_outbound_bytes": 64 << 20}, limits={"max_notification_bytes": 100_000}
+        )
+        gone = await RawWebSocket.open(srv.port, rcvbuf=4096)
+        assert (await gone.register(srv.token("gone")))["event"] == "ack"
+        body = "y" * 20_000
+        for i in range(400):
+            await srv.hub.send_notification("gone", {"message": body, "n": i})
+        [conn] = srv.hub.sessions.of_user("gone")
+        assert await wait_until(lambda: conn.outbound_buffer() > 1 << 20)
+        queued = conn.unsent_notifications()
+        assert len(queued) > 10
+        gone.close()  # a reset: what the server still queues is dropped
+        assert await wait_until(lambda: srv.hub.get_user_sessions("gone") == [])
+        await asyncio.sleep(0.1)
+        undelivered = {n.id for n in await srv.hub.store.undelivered("gone", limit=500)}
+        assert set(queued) <= undelivered
+        # A receipts-session, or one that drained its queue, changes nothing.
+        calm = await srv.user("calm", receipts=False)
+        result = await srv.hub.send_notification("calm", {"message": "m"})
+        assert (await calm.next("notification"))["id"] == result.notification.id
+        await calm.close()
+        await asyncio.sleep(0.1)
+        assert await srv.hub.store.undelivered("calm") == []

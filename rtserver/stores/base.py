@@ -79,6 +79,12 @@ class Store(abc.ABC):
         notifications when given (ids that came from a client)."""
 
     @abc.abstractmethod
+    async def mark_undelivered(self, user_id: str, ids: Sequence[str]) -> None:
+        """Clear ``delivered_at`` on these of ``user_id``'s notifications:
+        counted delivered, they never reached the session after all, and the
+        next register offers them again."""
+
+    @abc.abstractmethod
     async def undelivered(
         self, user_id: str, *, after: str | None = None, limit: int = MAX_PAGE
     ) -> list[Notification]:

@@ -203,6 +203,8 @@ class MongoStore(Store):
         self._keys = self._client[config.database][f"{config.collection}_keys"]
         self.spool = Spool(Path(config.data_dir) / "mongodb-spool.db", config.spool_max_bytes)
         self._delivered: dict[str, datetime] = {}
+        #: Undelivered marks (id -> user) taken while MongoDB was unreachable.
+        self._undelivered: dict[str, str] = {}
         self._indexes_ready = False
         self._degraded = False
         self._retry_task: asyncio.Task[None] | None = None
@@ -276,7 +278,7 @@ class MongoStore(Store):
         if self._retry_task is not None:
             self._retry_task.cancel()
             await asyncio.gather(self._retry_task, return_exceptions=True)
-        if self.spool.pending or self._delivered:
+        if self.spool.pending or self._delivered or self._undelivered:
             try:
                 await self._flush()
             except (PyMongoError, StoreError) as err:
@@ -331,7 +333,7 @@ class MongoStore(Store):
                 if not self._indexes_ready:
                     await self.ensure_indexes()
                 # Accepted while flushing: spooled behind, flushed too.
-                while self.spool.pending or self.spool.keys or self._delivered:
+                while self.spool.pending or self.spool.keys or self._delivered or self._undelivered:
                     await self._flush()
             except (PyMongoError, StoreError) as err:
                 log.debug("store.retry_failed", attempt=backoff.attempt, error=redact(str(err)))
@@ -374,6 +376,16 @@ class MongoStore(Store):
                 await self._set_delivered(list(marks), min(marks.values()))
             except PyMongoError:
                 self._delivered.update(marks)
+                raise
+        if self._undelivered:
+            lost, self._undelivered = self._undelivered, {}
+            try:
+                for user_id in set(lost.values()):
+                    await self._unset_delivered(
+                        user_id, [i for i, u in lost.items() if u == user_id]
+                    )
+            except PyMongoError:
+                self._undelivered.update(lost)
                 raise
 
     def _wrap(self, err: PyMongoError) -> StoreError:
@@ -469,6 +481,33 @@ class MongoStore(Store):
             self._degrade()
         except PyMongoError as err:
             raise self._wrap(err) from None
+
+    async def _unset_delivered(self, user_id: str, ids: list[str]) -> None:
+        await self._coll.update_many(
+            {"_id": {"$in": ids}, "user_id": user_id},
+            {"$set": {"delivered": False}, "$unset": {"delivered_at": ""}},
+        )
+
+    async def mark_undelivered(self, user_id: str, ids: Sequence[str]) -> None:
+        for nid in ids:
+            self._delivered.pop(nid, None)  # a mark not applied yet: never now
+        if self.spool.count:
+            spooled = await self.spool.mark_undelivered(ids)
+            ids = [nid for nid in ids if nid not in spooled]
+        if not ids:
+            return
+        if not self._degraded:
+            try:
+                await self._unset_delivered(user_id, list(ids))
+                return
+            except ConnectionFailure:
+                self._degrade()
+            except PyMongoError as err:
+                raise self._wrap(err) from None
+        # Applied once MongoDB is back (bounded: past it, raise).
+        if len(self._undelivered) + len(ids) > _MAX_MARKS:
+            raise StoreError("mongodb: unreachable, and too many marks are waiting for it")
+        self._undelivered.update(dict.fromkeys(ids, user_id))
 
     def _remember_delivered(self, ids: Sequence[str], when: datetime) -> None:
         # Bounded; a mark that does not fit only means the notification may

@@ -245,6 +245,29 @@ class Spool:
             return set()
         return await self._run(work)
 
+    async def mark_undelivered(self, ids: Sequence[str]) -> set[str]:
+        """Clear ``delivered_at`` on those of ``ids`` still spooled; returns them."""
+
+        def work(db: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            db.execute("BEGIN")
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    row[0]
+                    for row in db.execute(
+                        f"UPDATE spool SET delivered_at = NULL WHERE id IN ({marks}) RETURNING id",
+                        chunk,
+                    ).fetchall()
+                )
+            db.execute("COMMIT")
+            return found
+
+        if not self.count:
+            return set()
+        return await self._run(work)
+
     # -- dead letters -----------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

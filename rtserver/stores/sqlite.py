@@ -432,6 +432,22 @@ class SQLiteStore(Store):
 
         await self._run(work)
 
+    async def mark_undelivered(self, user_id: str, ids: Sequence[str]) -> None:
+        chunks = [list(ids[i : i + _CHUNK]) for i in range(0, len(ids), _CHUNK)]
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            for chunk in chunks:
+                db.execute(
+                    "UPDATE notifications SET delivered_at = NULL"
+                    f" WHERE id IN ({','.join('?' * len(chunk))}) AND user_id = ?",
+                    [*chunk, user_id],
+                )
+            db.execute("COMMIT")
+
+        if chunks:
+            await self._run(work)
+
     async def mark_read(
         self, user_id: str, ids: Sequence[str] | None, at: float
     ) -> tuple[int, int]:

@@ -135,6 +135,23 @@ class StoreSuite:
         assert [n.id for n in await store.undelivered("them")] == [theirs.id]
         assert await store.undelivered("me") == []
 
+    async def test_mark_undelivered_offers_them_again(self, store: Store) -> None:
+        """mark_undelivered clears delivered_at on the user's own ids only, and
+        undelivered() lists them again in order; a later mark_delivered sets
+        it anew."""
+        notes = [note("u", str(i)) for i in range(3)]
+        theirs = note("v")
+        for n in [*notes, theirs]:
+            await store.insert(n)
+        await store.mark_delivered([*(n.id for n in notes), theirs.id], time.time())
+        await store.mark_undelivered("u", [notes[2].id, notes[0].id, theirs.id, "nope"])
+        assert [n.id for n in await store.undelivered("u")] == [notes[0].id, notes[2].id]
+        assert await store.undelivered("v") == []
+        got = await store.get("u", notes[0].id)
+        assert got is not None and got.delivered_at is None
+        await store.mark_delivered([notes[0].id], time.time())
+        assert [n.id for n in await store.undelivered("u")] == [notes[2].id]
+
     async def test_after_for_resume(self, store: Store) -> None:
         """after() lists every notification after an id, delivered or not."""
         notes = [note("u", str(i)) for i in range(4)]

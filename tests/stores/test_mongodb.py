@@ -138,6 +138,35 @@ class TestMongoStoreOnNx(StoreSuite):
             await s.close()
             server.stop()
 
+    async def test_delivery_marks_in_an_outage_reach_mongodb_after_it(self, tmp_path: Path) -> None:
+        """Delivered and undelivered marks taken while MongoDB is down land
+        on the spooled rows and on rows MongoDB already holds, in the order
+        they were taken, once it is back."""
+        server = NxServer(tmp_path / "marks")
+        server.start()
+        s = MongoStore(store_config(server.uri, server_selection_timeout=0.3))
+        await s.open()
+        try:
+            held = [note("m", f"held {i}") for i in range(2)]
+            for n in held:
+                await s.insert(n)
+            await s.mark_delivered([n.id for n in held], time.time())
+            server.stop()
+            spooled = [note("m", f"spooled {i}") for i in range(2)]
+            for n in spooled:
+                await s.insert(n)
+            await s.mark_delivered([n.id for n in spooled], time.time())
+            await s.mark_undelivered("m", [held[1].id, spooled[0].id])
+            server.start()
+            for _ in range(200):
+                if s.buffered == 0 and await s.ping():
+                    break
+                await asyncio.sleep(0.05)
+            assert [n.id for n in await s.undelivered("m")] == [held[1].id, spooled[0].id]
+        finally:
+            await s.close()
+            server.stop()
+
     async def test_spool_full_refuses_instead_of_dropping(self, tmp_path: Path) -> None:
         """Once the spool holds ``spool_max_bytes``, insert raises StoreError:
         never a silent drop; what was spooled stays, on disk."""

@@ -100,13 +100,19 @@ class Cluster:
         return client
 
     async def http(
-        self, node: int, method: str, path: str, body: Any = None, role: str = "admin"
+        self,
+        node: int,
+        method: str,
+        path: str,
+        body: Any = None,
+        role: str = "admin",
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         resp = await AsyncHTTPClient().fetch(
             self.nodes[node].base + path,
             method=method,
             body=None if body is None else json.dumps(body),
-            headers={"Authorization": f"Bearer {await self.token('ops', role)}"},
+            headers={"Authorization": f"Bearer {await self.token('ops', role)}", **(headers or {})},
             raise_error=False,
         )
         return resp.code, json.loads(resp.body) if resp.body else None
@@ -151,6 +157,31 @@ async def test_delivery_crosses_nodes_exactly_once(cluster2: Cluster) -> None:
     status, body = await cluster2.http(1, "POST", "/api/broadcast", {"message": "all"})
     for client in (a, b, other):
         assert (await client.next("notification"))["message"] == "all"
+
+
+async def test_an_idempotency_key_holds_across_nodes(cluster2: Cluster) -> None:
+    """A retry with the same Idempotency-Key sent to the other node gets the
+    first answer; the user's session gets the notification once."""
+    ann = await cluster2.user(1, "kay")
+    await settle()
+    key = {"Idempotency-Key": "order-77-shipped"}
+    answers = [
+        await cluster2.http(
+            node, "POST", "/api/notifications/kay", {"message": "shipped"}, "publisher", key
+        )
+        for node in (0, 1, 0)
+    ]
+    assert [status for status, _ in answers] == [201, 201, 201]
+    assert len({body["notification"]["id"] for _, body in answers}) == 1
+    assert (await ann.next("notification"))["message"] == "shipped"
+    await asyncio.sleep(0.3)
+    assert ann.pending() == []
+    status, hist = await cluster2.http(1, "GET", "/api/users/kay/notifications")
+    assert len(hist["notifications"]) == 1
+    status, body = await cluster2.http(
+        1, "POST", "/api/notifications/kay", {"message": "other"}, "publisher", key
+    )
+    assert status == 422 and body["error"]["code"] == "idempotency_mismatch"
 
 
 async def test_direct_message_and_read_push_cross_nodes(cluster2: Cluster) -> None:

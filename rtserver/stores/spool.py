@@ -222,32 +222,15 @@ class Spool:
         self.dead += len(errors)
 
     async def mark_delivered(self, ids: Sequence[str], at: float) -> set[str]:
-        """Set ``delivered_at`` on those of ``ids`` still spooled; returns them."""
-
-        def work(db: sqlite3.Connection) -> set[str]:
-            found: set[str] = set()
-            db.execute("BEGIN")
-            for start in range(0, len(ids), 500):
-                chunk = list(ids[start : start + 500])
-                marks = ",".join("?" * len(chunk))
-                found.update(
-                    row[0]
-                    for row in db.execute(
-                        f"UPDATE spool SET delivered_at = ? WHERE delivered_at IS NULL"
-                        f" AND id IN ({marks}) RETURNING id",
-                        [at, *chunk],
-                    ).fetchall()
-                )
-            db.execute("COMMIT")
-            return found
-
-        if not self.count:
-            return set()
-        return await self._run(work)
+        """Set ``delivered_at`` (where unset) on those of ``ids`` still
+        spooled; returns them."""
+        return await self._set_delivered(ids, "coalesce(delivered_at, ?)", [at])
 
     async def mark_undelivered(self, ids: Sequence[str]) -> set[str]:
         """Clear ``delivered_at`` on those of ``ids`` still spooled; returns them."""
+        return await self._set_delivered(ids, "NULL", [])
 
+    async def _set_delivered(self, ids: Sequence[str], value: str, params: list[Any]) -> set[str]:
         def work(db: sqlite3.Connection) -> set[str]:
             found: set[str] = set()
             db.execute("BEGIN")
@@ -257,8 +240,8 @@ class Spool:
                 found.update(
                     row[0]
                     for row in db.execute(
-                        f"UPDATE spool SET delivered_at = NULL WHERE id IN ({marks}) RETURNING id",
-                        chunk,
+                        f"UPDATE spool SET delivered_at = {value} WHERE id IN ({marks}) RETURNING id",
+                        [*params, *chunk],
                     ).fetchall()
                 )
             db.execute("COMMIT")

@@ -414,6 +414,21 @@ class SQLiteStore(Store):
     async def mark_delivered(
         self, ids: Sequence[str], at: float, *, user_id: str | None = None
     ) -> None:
+        # Only where unset: the first delivery's time is kept.
+        await self._set_delivered(ids, "?", [at], user_id, "delivered_at IS NULL AND ")
+
+    async def mark_undelivered(self, user_id: str, ids: Sequence[str]) -> None:
+        await self._set_delivered(ids, "NULL", [], user_id)
+
+    async def _set_delivered(
+        self,
+        ids: Sequence[str],
+        value: str,
+        params: list[Any],
+        user_id: str | None,
+        only: str = "",
+    ) -> None:
+        """``delivered_at = value`` on ``ids`` (only ``user_id``'s when given)."""
         if not ids:
             return
         scope = "" if user_id is None else " AND user_id = ?"
@@ -424,29 +439,13 @@ class SQLiteStore(Store):
             db.execute("BEGIN")
             for chunk in chunks:
                 db.execute(
-                    "UPDATE notifications SET delivered_at = ?"
-                    f" WHERE delivered_at IS NULL AND id IN ({','.join('?' * len(chunk))}){scope}",
-                    [at, *chunk, *tail],
+                    f"UPDATE notifications SET delivered_at = {value}"
+                    f" WHERE {only}id IN ({','.join('?' * len(chunk))}){scope}",
+                    [*params, *chunk, *tail],
                 )
             db.execute("COMMIT")
 
         await self._run(work)
-
-    async def mark_undelivered(self, user_id: str, ids: Sequence[str]) -> None:
-        chunks = [list(ids[i : i + _CHUNK]) for i in range(0, len(ids), _CHUNK)]
-
-        def work(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN")
-            for chunk in chunks:
-                db.execute(
-                    "UPDATE notifications SET delivered_at = NULL"
-                    f" WHERE id IN ({','.join('?' * len(chunk))}) AND user_id = ?",
-                    [*chunk, user_id],
-                )
-            db.execute("COMMIT")
-
-        if chunks:
-            await self._run(work)
 
     async def mark_read(
         self, user_id: str, ids: Sequence[str] | None, at: float

@@ -215,6 +215,23 @@ _SHORT_HEADERS: Final = [bytes((0x81, n)) for n in range(126)]
 _header16 = struct.Struct("!BBH").pack
 _header64 = struct.Struct("!BBQ").pack
 
+#: Seconds a close the server started waits for the peer's close frame.
+CLOSE_TIMEOUT: Final = 5.0
+
+
+def close_payload(code: int | None, reason: str | None) -> bytes:
+    if code is None:
+        return b""
+    data = (reason or "").encode()
+    if len(data) > 123:  # a control frame carries at most 125 bytes
+        data = data[:123].decode("utf-8", "ignore").encode()
+    return code.to_bytes(2, "big") + data
+
+
+def valid_close_code(code: int) -> bool:
+    """Codes a peer may send (RFC 6455 7.4)."""
+    return (1000 <= code <= 1014 and code not in (1004, 1005, 1006)) or 3000 <= code <= 4999
+
 
 class _Pushed(msgspec.Struct):
     event: str = ""

@@ -328,9 +328,7 @@ class Connection:
             # counted there (``unsent_notifications``).
             stream.max_write_buffer_size = None
             stream.write(data[sent:] if sent else data)
-            if self.on_slow is not None:
-                self.on_slow(self)
-            self.close(1013, "slow client: outbound queue full")
+            self.slow()
             return False
         if isinstance(written, asyncio.Future):
             written.add_done_callback(self._written)  # Tornado's IOStream
@@ -459,6 +457,13 @@ class Connection:
     def take_after_reply(self) -> list[Callable[[], Any]]:
         callbacks, self._after_reply = self._after_reply, []
         return callbacks
+
+    def slow(self) -> None:
+        """The peer reads slower than it is written to, past the outbound
+        bound: counted, logged and closed (1013)."""
+        if self.on_slow is not None:
+            self.on_slow(self)
+        self.close(1013, "slow client: outbound queue full")
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Start the closing handshake; the session is gone from now on (no

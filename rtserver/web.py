@@ -7,11 +7,13 @@ and every reply goes out through ``Delivery``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fnmatch
 import inspect
 import socket
 import time
+from asyncio import Future
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -21,6 +23,7 @@ import structlog
 import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream, SSLIOStream, StreamBufferFullError, StreamClosedError
+from tornado.websocket import WebSocketProtocol, WebSocketProtocol13, _WebSocketParams
 
 from rtserver.auth import Claims, require_role
 from rtserver.config import Role
@@ -31,6 +34,7 @@ from rtserver.log import get_logger
 from rtserver.plugins import EventContext, Plugins, Registered
 from rtserver.protocol import (
     BAD_REQUEST,
+    CLOSE_TIMEOUT,
     FORBIDDEN,
     INTERNAL_ERROR,
     NOT_REGISTERED,
@@ -40,11 +44,13 @@ from rtserver.protocol import (
     UNSUPPORTED,
     ProtocolError,
     check_shape,
+    close_payload,
     decode_data,
     decode_frame,
     decode_json,
     encode_json,
     salvage_id,
+    valid_close_code,
 )
 from rtserver.sessions import Connection, Stream, Transport
 from rtserver.stores.base import StoreError
@@ -255,6 +261,83 @@ class Endpoint:
         self._fire("rtserver_disconnect", conn)
 
 
+class StrictProtocol(WebSocketProtocol13):
+    """Tornado's RFC 6455 code, failing a connection as rtserver's own does:
+    a close frame saying why (1002, or 1007 for text that is not UTF-8, in
+    a text message or a close reason) and a clean end of TCP, instead of a
+    reset; and close codes a peer may not send are protocol errors."""
+
+    _failure: tuple[int, str] = (1002, "protocol error")
+
+    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
+        if self.client_terminated:
+            return None
+        if opcode == 0x1:
+            self._message_bytes_in += len(data)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(1007, "text frames must be UTF-8")
+                return None
+            return self._run_callback(self.handler.on_message, text)
+        if opcode == 0x8:
+            if len(data) == 1:
+                self._fail(1002, "invalid close frame")
+                return None
+            if len(data) >= 2:
+                code = int.from_bytes(data[:2], "big")
+                if not valid_close_code(code):
+                    self._fail(1002, "invalid close frame")
+                    return None
+                try:
+                    data[2:].decode("utf-8")
+                except UnicodeDecodeError:
+                    self._fail(1007, "a close reason must be UTF-8")
+                    return None
+        return super()._handle_message(opcode, data)
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._failure = (code, reason)
+        self._abort()
+
+    def _abort(self) -> None:
+        """A protocol error (else a dead stream or a close timeout: Tornado's
+        own abort): say why, stop reading frames, end our side of TCP after
+        the close frame and read what the peer still sends until it closes
+        (closing with unread input would reset the connection)."""
+        stream = self.stream
+        if stream is None or stream.closed() or self.server_terminated:
+            super()._abort()
+            return
+        handler = self.handler
+        assert isinstance(handler, ConnectionHandler)
+        if handler.conn is not None:
+            handler.conn.flush()  # what was written before goes first
+        self.client_terminated = self.server_terminated = True
+        code, reason = self._failure
+        try:
+            written = self._write_frame(True, 0x8, close_payload(code, reason))
+        except StreamClosedError:
+            super()._abort()
+            return
+        handler.endpoint.hub.spawn(_linger(stream, written))
+
+
+async def _linger(stream: IOStream, written: Awaitable[None]) -> None:
+    """After a close frame that fails a connection: FIN, drain, close."""
+    try:
+        await written
+        if not isinstance(stream, SSLIOStream):
+            stream.socket.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            while True:
+                await stream.read_bytes(65536, partial=True)
+    except (StreamClosedError, OSError, TimeoutError):
+        pass
+    finally:
+        stream.close()
+
+
 class ConnectionHandler(tornado.websocket.WebSocketHandler):
     """``/ws`` through Tornado's WebSocket code: one instance per connection.
     Serves TLS connections and whatever ``rtserver.websocket.Server`` passes
@@ -271,6 +354,17 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
 
     def get_compression_options(self) -> None:
         return None  # frames are framed once and shared; no per-socket deflate
+
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        if self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return None
+        params = _WebSocketParams(
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            max_message_size=self.max_message_size,
+            compression_options=None,
+        )
+        return StrictProtocol(self, False, params)
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Refuse before the upgrade when shutting down or over a server-wide cap."""
@@ -307,9 +401,24 @@ class ConnectionHandler(tornado.websocket.WebSocketHandler):
         if stream is not None:
             stream.close()  # on_close follows
 
+    def on_ping(self, data: bytes) -> None:
+        # Tornado has answered it already; a pong past the outbound bound
+        # raised StreamBufferFullError there, which closes the connection.
+        self._control()
+
     def on_pong(self, data: bytes) -> None:
-        if self.conn is not None:
+        if self._control() and self.conn is not None:
             self.conn.alive(time.monotonic())
+
+    def _control(self) -> bool:
+        """Control frames count toward the frame rate; a flood closes (1008)."""
+        try:
+            self.endpoint.hub.limits.check_frame(self.bucket)
+        except ProtocolError as err:
+            if self.conn is not None:
+                self.conn.close(1008, err.message)
+            return False
+        return True
 
     def open(self, *args: str, **kwargs: str) -> None:
         stream = self._stream()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextvars
 import hashlib
 import socket
@@ -37,14 +38,18 @@ from tornado.iostream import IOStream, SSLIOStream, StreamBufferFullError, Strea
 from tornado.netutil import is_valid_ip
 
 from rtserver.log import get_logger
-from rtserver.protocol import ProtocolError, encode_json
+from rtserver.protocol import (
+    CLOSE_TIMEOUT,
+    ProtocolError,
+    close_payload,
+    encode_json,
+    valid_close_code,
+)
 from rtserver.sessions import Connection
 from rtserver.web import Endpoint, log_access, origin_allowed, retry_after
 
 log = get_logger("rtserver")
 
-#: Seconds a close we started waits for the peer's close frame.
-CLOSE_TIMEOUT = 5.0
 #: Seconds a new connection may take to send its first bytes before it is
 #: handed to Tornado (whose ``idle_connection_timeout`` then applies).
 FIRST_BYTES_TIMEOUT = 10.0
@@ -76,20 +81,6 @@ def unmask(data: bytes | bytearray, mask: bytes) -> bytes:
         return b""
     key = (mask * (n // 4 + 1))[:n]
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
-
-
-def close_payload(code: int | None, reason: str | None) -> bytes:
-    if code is None:
-        return b""
-    data = (reason or "").encode()
-    if len(data) > 123:  # a control frame carries at most 125 bytes
-        data = data[:123].decode("utf-8", "ignore").encode()
-    return code.to_bytes(2, "big") + data
-
-
-def _valid_close_code(code: int) -> bool:
-    """Codes a peer may send (RFC 6455 7.4)."""
-    return (1000 <= code <= 1014 and code not in (1004, 1005, 1006)) or 3000 <= code <= 4999
 
 
 class Upgrade:
@@ -282,6 +273,13 @@ class WebSocket(asyncio.Protocol):
         self._parts: list[bytes] | None = None  # a fragmented message so far
         self._parts_opcode = 0
         self._parts_size = 0
+        # A text message checked as it arrives (fragments, and frames still
+        # arriving), so invalid UTF-8 closes at the first bad byte, not at the
+        # end: the decoder, the text decoded so far, and how much of the
+        # frame now arriving has been decoded.
+        self._utf8: codecs.IncrementalDecoder | None = None
+        self._text: list[str] = []
+        self._fed = 0
         self._busy = False  # a message's handler is running
         self._paused = False
         self._closing = False  # a close frame was sent or received
@@ -375,6 +373,8 @@ class WebSocket(asyncio.Protocol):
                 break
             start = pos + head + 4
             if size < start + length:
+                if size > start and self._text_frame(opcode):
+                    self._check_partial(buf, start, size - start)
                 break
             payload = unmask(buf[start : start + length], bytes(buf[start - 4 : start]))
             pos = start + length
@@ -385,41 +385,105 @@ class WebSocket(asyncio.Protocol):
         if opcode == 0x1 or opcode == 0x2:
             if self._parts is not None:
                 self._fail(1002, "a new message inside a fragmented one")
-            elif fin:
+                return
+            if fin and not self._fed:  # a whole message in one frame
                 self._message(opcode, payload)
-            else:
-                self._parts, self._parts_opcode, self._parts_size = [payload], opcode, len(payload)
+                return
+            self._parts, self._parts_opcode, self._parts_size = [], opcode, 0
+            self._fragment(fin, payload)
         elif opcode == 0x0:
             if self._parts is None:
                 self._fail(1002, "a continuation frame without a message")
                 return
-            self._parts.append(payload)
-            self._parts_size += len(payload)
-            if fin:
-                data = b"".join(self._parts)
-                self._parts, self._parts_size = None, 0
-                self._message(self._parts_opcode, data)
+            self._fragment(fin, payload)
         elif opcode == 0x8:
             self._peer_closed(payload)
-        elif opcode == 0x9:
-            if not self._closing:
-                self._transport.write(control_frame(0xA, payload))
-        elif opcode == 0xA:
-            if self.conn is not None:
-                self.conn.alive(time.monotonic())
+        elif opcode == 0x9 or opcode == 0xA:
+            self._control(opcode, payload)
         else:
             self._fail(1002, f"unknown opcode {opcode}")
 
+    def _fragment(self, fin: bool, payload: bytes) -> None:
+        """One frame of a message that is fragmented or arrived in pieces."""
+        assert self._parts is not None
+        self._parts_size += len(payload)
+        if self._parts_opcode == 0x1:
+            fed, self._fed = self._fed, 0
+            if not self._decode(payload[fed:] if fed else payload, fin):
+                return
+            if fin:
+                text, self._text, self._utf8 = "".join(self._text), [], None
+                self._parts, self._parts_size = None, 0
+                self._deliver(text)
+            return
+        self._parts.append(payload)
+        if fin:
+            data = b"".join(self._parts)
+            self._parts, self._parts_size = None, 0
+            self._message(self._parts_opcode, data)
+
+    def _text_frame(self, opcode: int) -> bool:
+        """Is a frame with this opcode part of a text message?"""
+        if opcode == 0x0:
+            return self._parts is not None and self._parts_opcode == 0x1
+        return opcode == 0x1 and self._parts is None
+
+    def _check_partial(self, buf: bytearray, start: int, available: int) -> None:
+        """Decode what has arrived of a text frame not yet complete."""
+        fed = self._fed
+        if available <= fed:
+            return
+        k = fed % 4
+        mask = bytes(buf[start - 4 + k : start]) + bytes(buf[start - 4 : start - 4 + k])
+        if self._decode(unmask(buf[start + fed : start + available], mask), final=False):
+            self._fed = available
+
+    def _decode(self, data: bytes, final: bool) -> bool:
+        """Feed the text message's decoder; False (and closed 1007) on bad UTF-8."""
+        if self._utf8 is None:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        try:
+            self._text.append(self._utf8.decode(data, final))
+        except UnicodeDecodeError:
+            self._fail(1007, "text frames must be UTF-8")
+            return False
+        return True
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        """A ping (answered with a pong) or a pong. Both count toward the
+        connection's frame rate, and a pong answer toward its outbound bound:
+        a peer that floods pings is closed (1008), one that sends them without
+        reading the answers is a slow client (1013)."""
+        conn = self.conn
+        if conn is None or self._closing:
+            return
+        try:
+            self.endpoint.hub.limits.check_frame(self._bucket)
+        except ProtocolError as err:
+            self._fail(1008, err.message)
+            return
+        if opcode == 0xA:
+            conn.alive(time.monotonic())
+            return
+        pong = control_frame(0xA, payload)
+        limit = self.max_write_buffer_size
+        if limit is not None and self._transport.get_write_buffer_size() + len(pong) > limit:
+            conn.slow()
+            return
+        self._transport.write(pong)
+
     def _message(self, opcode: int, data: bytes) -> None:
-        if self._closing or self.conn is None:
-            return  # after a close, data frames are dropped
-        message: str | bytes = data
         if opcode == 0x1:
             try:
-                message = data.decode("utf-8")
+                self._deliver(data.decode("utf-8"))
             except UnicodeDecodeError:
                 self._fail(1007, "text frames must be UTF-8")
-                return
+        else:
+            self._deliver(data)
+
+    def _deliver(self, message: str | bytes) -> None:
+        if self._closing or self.conn is None:
+            return  # after a close, data frames are dropped
         pending = self.endpoint.message(self.conn, self._bucket, message)
         if pending is not None:
             self._busy = True
@@ -441,12 +505,19 @@ class WebSocket(asyncio.Protocol):
         code: int | None = None
         if len(payload) >= 2:
             code = int.from_bytes(payload[:2], "big")
-            self.close_reason = payload[2:].decode("utf-8", "replace")
+            try:
+                self.close_reason = payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                self.close_code = code
+                self._fail(1007, "a close reason must be UTF-8")
+                return
         self.close_code = code
-        if len(payload) == 1 or (code is not None and not _valid_close_code(code)):
+        if len(payload) == 1 or (code is not None and not valid_close_code(code)):
             self._fail(1002, "invalid close frame")
             return
         if not self._closing:  # answer with the same code
+            if self.conn is not None:
+                self.conn.flush()  # what was written before goes first
             self._closing = True
             self._transport.write(control_frame(0x8, close_payload(code, None)))
         self._shut()
@@ -455,6 +526,8 @@ class WebSocket(asyncio.Protocol):
         """A protocol error: say why in a close frame and end the connection."""
         if self.conn is not None:
             self.conn.close_reason = self.conn.close_reason or reason
+            if not self._closing:
+                self.conn.flush()  # what was written before goes first
         if not self._closing:
             self._closing = True
             self._transport.write(control_frame(0x8, close_payload(code, reason)))

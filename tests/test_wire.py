@@ -16,7 +16,8 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from rtserver.client import ClientError
-from rtserver.websocket import accept_key, close_payload
+from rtserver.protocol import close_payload
+from rtserver.websocket import accept_key
 
 from .conftest import Running, StartServer
 from .rawws import KEY, RawWebSocket

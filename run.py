@@ -5,23 +5,29 @@
 
 Parses arguments, loads the config, configures logging, builds the app and
 serves until SIGTERM or SIGINT, then shuts down gracefully and exits 0. A bad
-config prints one message naming the key and exits with status 2.
+config, or anything else that stops it starting (a port in use, a data
+directory it cannot write, a missing package, a certificate it cannot load),
+prints one line naming what failed and what to do, and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import signal
+import socket
 import sys
 from pathlib import Path
 
-from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from rtserver.app import make_app, make_metrics_app
-from rtserver.config import Config, ConfigError, load_config
+from rtserver.config import Config, ConfigError, StartupError, load_config
 from rtserver.log import configure_logging, get_logger
 from rtserver.plugins import PluginError
+from rtserver.stores import StoreError
+from rtserver.websocket import Server
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config" / "default.yaml"
 
@@ -33,15 +39,31 @@ def _config(path: str | None) -> Config:
 
 async def serve(config: Config) -> None:
     log = get_logger("rtserver")
-    app = make_app(config)
-    await app.startup()
     srv = config.server
+    app = make_app(config)
     server = app.make_server()
-    server.listen(srv.port, srv.host)
-    metrics_server = None
+    # Bound before the store opens, so a port in use fails at once; nothing
+    # is accepted until the app has started.
+    sockets = listen(srv.host, srv.port, "server.port")
+    metrics_sockets = []
     if srv.metrics_port is not None:
-        metrics_server = HTTPServer(make_metrics_app(app.hub))
-        metrics_server.listen(srv.metrics_port, srv.metrics_host)
+        try:
+            metrics_sockets = listen(srv.metrics_host, srv.metrics_port, "server.metrics_port")
+        except StartupError:
+            for sock in sockets:
+                sock.close()
+            raise
+    try:
+        await app.startup()
+    except StoreError as err:
+        for sock in sockets + metrics_sockets:
+            sock.close()
+        raise StartupError(f"store: {err}; check store.* in the config") from None
+    server.add_sockets(sockets)
+    metrics_server = None
+    if metrics_sockets:
+        metrics_server = Server(make_metrics_app(app.hub), metrics=app.hub.metrics)
+        metrics_server.add_sockets(metrics_sockets)
         log.info("metrics.listening", url=f"http://{srv.metrics_host}:{srv.metrics_port}/metrics")
     scheme = "https" if srv.tls_cert else "http"
     log.info(
@@ -59,6 +81,22 @@ async def serve(config: Config) -> None:
     if metrics_server is not None:
         metrics_server.stop()
         await metrics_server.close_all_connections()
+
+
+def listen(host: str, port: int, key: str) -> list[socket.socket]:
+    """Listening sockets for ``host:port``, or ``StartupError`` saying why not."""
+    try:
+        return bind_sockets(port, host)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            advice = "stop what listens there, or choose another port (--port or the config)"
+        elif err.errno == errno.EACCES:
+            advice = "ports below 1024 need privileges; choose a port from 1024 up"
+        else:
+            advice = f"check {key.replace('port', 'host')} and {key}"
+        raise StartupError(
+            f"{key}: cannot listen on {host}:{port}: {err.strerror or err}; {advice}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             config = config.replace(server=msgspec.structs.replace(config.server, **overrides))
         configure_logging(config.logging)
         asyncio.run(serve(config))
-    except (ConfigError, PluginError) as err:
+    except (ConfigError, PluginError, StartupError) as err:
         print(f"rtserver: {err}", file=sys.stderr)
         return 2
     except ValueError as err:

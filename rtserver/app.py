@@ -20,7 +20,7 @@ from typing import Any
 import tornado.web
 from tornado.httpserver import HTTPServer
 
-from rtserver.config import Config
+from rtserver.config import Config, StartupError
 from rtserver.hub import Hub
 from rtserver.log import get_logger
 from rtserver.plugins import Plugins
@@ -62,6 +62,8 @@ class Application(tornado.web.Application):
             max_body_size=srv.max_body_bytes,
             idle_connection_timeout=60,
             endpoint=self.endpoint if srv.websocket == "rtserver" else None,
+            handshake_timeout=srv.handshake_timeout,
+            metrics=self.hub.metrics,
         )
 
     async def startup(self) -> None:
@@ -164,7 +166,13 @@ def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     if not cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise StartupError(
+            f"server.tls_cert: cannot load {cert} (key {key or cert}): {err.strerror or err};"
+            " give PEM files rtserver's user can read"
+        ) from None
     return ctx
 
 

@@ -25,6 +25,9 @@ from rtserver.protocol import FORBIDDEN, UNAUTHORIZED, ProtocolError
 
 ROLES: tuple[str, ...] = get_args(Role)
 _RANK = {"user": 0, "publisher": 1, "admin": 2}
+#: The last second of the year 9999: a token time past it cannot be shown as
+#: a date (``expires_at``), and no real token needs one.
+MAX_TIME = 253402300799
 
 
 class Claims:
@@ -104,6 +107,12 @@ class Authenticator:
         raw = self._plain_hs256(token)
         if raw is None:
             raw = self._decode(token)
+        for claim in ("exp", "nbf", "iat"):
+            value = raw.get(claim, 0)
+            if not isinstance(value, int | float) or not 0 <= value <= MAX_TIME:
+                raise ProtocolError(
+                    UNAUTHORIZED, f"token {claim} is out of range (a time before 10000)", status=401
+                )
         sub, role = raw.get("sub"), raw.get("role", "user")
         if not isinstance(sub, str) or not sub or len(sub) > 256:
             raise ProtocolError(UNAUTHORIZED, "token subject is invalid", status=401)
@@ -152,6 +161,7 @@ class Authenticator:
             or not isinstance(claims.get("jti", ""), str)
             or not isinstance(claims.get("sub"), str)
             or (self.config.issuer is not None and claims.get("iss") != self.config.issuer)
+            or "aud" in claims
         ):
             return None
         return claims
@@ -173,13 +183,21 @@ class Authenticator:
                 issuer=self.config.issuer,
                 audience=self.config.audience,
                 leeway=self.config.leeway,
-                options={"require": ["exp", "sub"], "verify_aud": self.config.audience is not None},
+                # A token naming an audience is refused while none is
+                # configured (PyJWT's default): it was minted for another service.
+                options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError:
             raise ProtocolError(UNAUTHORIZED, "token has expired", status=401) from None
         except jwt.ImmatureSignatureError:
             raise ProtocolError(UNAUTHORIZED, "token is not valid yet", status=401) from None
         except jwt.InvalidAudienceError:
+            if self.config.audience is None:
+                raise ProtocolError(
+                    UNAUTHORIZED,
+                    "token names an audience and auth.audience is not configured",
+                    status=401,
+                ) from None
             raise ProtocolError(UNAUTHORIZED, "token audience is wrong", status=401) from None
         except jwt.InvalidIssuerError:
             raise ProtocolError(UNAUTHORIZED, "token issuer is wrong", status=401) from None

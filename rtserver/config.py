@@ -29,6 +29,11 @@ class ConfigError(Exception):
     """A configuration problem, with a message that names the offending key."""
 
 
+class StartupError(Exception):
+    """The server cannot start (a port in use, a data directory it cannot
+    write, a missing package): one line saying what failed and what to do."""
+
+
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -50,6 +55,9 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_frame_bytes: int = msgspec.field(default=65536)
     #: Largest HTTP request body.
     max_body_bytes: int = 1024 * 1024
+    #: A new connection that has not sent its request within this many
+    #: seconds is closed; until then it counts toward ``limits.max_connections``.
+    handshake_timeout: float = 10.0
     #: WebSocket ping interval and pong timeout, in seconds (0 disables pings).
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
@@ -287,6 +295,11 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
             f"{source}: auth.public_key_file: required for RS256/ES256 (or auth.jwks_file)"
         )
     if config.server.environment == "production":
+        if config.server.test_routes:
+            raise ConfigError(
+                f"{source}: server.test_routes: refused in production (they let anyone"
+                " send notifications and mint tokens, and serve the demo)"
+            )
         if auth.secret == DEV_SECRET:
             raise ConfigError(
                 f"{source}: auth.secret: the development secret is refused in production"
@@ -309,6 +322,8 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
             f"{source}: limits.max_notification_bytes: at most {MAX_NOTIFICATION_BYTES}"
             " (2 MiB), so that every store can hold any notification accepted"
         )
+    if not 0 < config.server.handshake_timeout <= 300:
+        raise ConfigError(f"{source}: server.handshake_timeout: seconds, over 0 and at most 300")
     if config.store.spool_max_bytes < 4096:
         raise ConfigError(f"{source}: store.spool_max_bytes: at least 4096")
     if config.server.idempotency_ttl <= 0 or config.server.idempotency_lease <= 0:

@@ -97,6 +97,11 @@ class Metrics:
             "Sessions closed because their outbound queue was full",
             registry=r,
         )
+        self.accept_pauses = Counter(
+            "rtserver_accept_pauses",
+            "Times accepting paused because descriptors or memory ran out",
+            registry=r,
+        )
         self.rate_limited = Counter(
             "rtserver_rate_limited",
             "Requests refused by a rate limit, by limit",

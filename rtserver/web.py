@@ -169,6 +169,9 @@ class Endpoint:
         self.plugins = plugins
         self.dispatcher = dispatcher
         self.allowed_origins = hub.config.server.allowed_origins
+        #: Plain-TCP connections accepted that have not sent their request
+        #: yet: they count toward ``limits.max_connections``.
+        self.handshakes = 0
 
     def refusal(self) -> ProtocolError | None:
         """Why an upgrade must be refused now (shutting down, a server-wide
@@ -176,7 +179,7 @@ class Endpoint:
         try:
             if self.hub.shutting_down:
                 raise ProtocolError(UNAVAILABLE, "server is shutting down", status=503)
-            self.hub.limits.check_connection(len(self.hub.sessions))
+            self.hub.limits.check_connection(len(self.hub.sessions) + self.handshakes)
         except ProtocolError as err:
             return err
         return None
@@ -320,11 +323,24 @@ class StrictProtocol(WebSocketProtocol13):
         except StreamClosedError:
             super()._abort()
             return
-        handler.endpoint.hub.spawn(_linger(stream, written))
+        linger(stream, written)
+
+
+_lingering: set[asyncio.Task[None]] = set()
+
+
+def linger(stream: IOStream, written: Awaitable[None]) -> None:
+    """After the last answer on a connection (a close frame failing a
+    WebSocket, a 413): once it is written, end our side of TCP, read and drop
+    what the peer still sends until it closes (at most ``CLOSE_TIMEOUT``),
+    then close. Closing with unread input would send a reset, which can
+    reach the peer before the answer and lose it."""
+    task = asyncio.get_running_loop().create_task(_linger(stream, written))
+    _lingering.add(task)
+    task.add_done_callback(_lingering.discard)
 
 
 async def _linger(stream: IOStream, written: Awaitable[None]) -> None:
-    """After a close frame that fails a connection: FIN, drain, close."""
     try:
         await written
         if not isinstance(stream, SSLIOStream):

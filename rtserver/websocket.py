@@ -27,32 +27,41 @@ import asyncio
 import base64
 import codecs
 import contextvars
+import errno
 import hashlib
 import socket
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from http.client import responses
 from typing import Any
 
+from tornado.http1connection import HTTP1Connection
 from tornado.httpserver import HTTPServer
+from tornado.httputil import (
+    HTTPConnection,
+    HTTPHeaders,
+    HTTPMessageDelegate,
+    RequestStartLine,
+    ResponseStartLine,
+)
 from tornado.iostream import IOStream, SSLIOStream, StreamBufferFullError, StreamClosedError
 from tornado.netutil import is_valid_ip
 
 from rtserver.log import get_logger
+from rtserver.metrics import Metrics
 from rtserver.protocol import (
     CLOSE_TIMEOUT,
+    TOO_LARGE,
     ProtocolError,
     close_payload,
     encode_json,
     valid_close_code,
 )
 from rtserver.sessions import Connection
-from rtserver.web import Endpoint, log_access, origin_allowed, retry_after
+from rtserver.web import Endpoint, linger, log_access, origin_allowed, retry_after
 
 log = get_logger("rtserver")
 
-#: Seconds a new connection may take to send its first bytes before it is
-#: handed to Tornado (whose ``idle_connection_timeout`` then applies).
-FIRST_BYTES_TIMEOUT = 10.0
 #: The most of an upgrade request looked at; a longer one goes to Tornado.
 MAX_HEAD = 8192
 #: Inbound bytes held while a message's handler runs before reading pauses.
@@ -156,7 +165,13 @@ class Upgrade:
 
 class Server(HTTPServer):
     """Tornado's ``HTTPServer`` that answers plain-TCP upgrades to ``/ws``
-    itself (see the module docstring). ``endpoint=None`` turns that off."""
+    itself (see the module docstring). ``endpoint=None`` turns that off.
+
+    Also, whichever code speaks WebSocket: accepting pauses while descriptors
+    run out (``Acceptor``); a new plain-TCP connection counts toward
+    ``limits.max_connections`` until it has sent its request, and is closed if
+    it sends nothing within ``server.handshake_timeout``; a request whose
+    Content-Length is over the body limit is answered 413 (``BodyLimit``)."""
 
     def initialize(
         self,
@@ -164,31 +179,63 @@ class Server(HTTPServer):
         *args: Any,
         endpoint: Endpoint | None = None,
         path: str = "/ws",
+        handshake_timeout: float = 10.0,
+        metrics: Metrics | None = None,
         **kwargs: Any,
     ) -> None:
         super().initialize(request_callback, *args, **kwargs)
         self.endpoint = endpoint
         self.path = path
+        self.handshake_timeout = handshake_timeout
+        self.metrics = metrics
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            acceptor = Acceptor(sock, self._handle_connection, self.metrics)
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = acceptor.stop
+            acceptor.start()
+
+    def start_request(
+        self, server_conn: object, request_conn: HTTPConnection
+    ) -> HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        limit = self.conn_params.max_body_size
+        if limit is None or not isinstance(request_conn, HTTP1Connection):
+            return delegate
+        return BodyLimit(delegate, request_conn, limit)
 
     def handle_stream(self, stream: IOStream, address: Any) -> None:
-        if self.endpoint is None or isinstance(stream, SSLIOStream):
+        endpoint = self.endpoint
+        if endpoint is None or isinstance(stream, SSLIOStream):
             super().handle_stream(stream, address)
+            return
+        hub = endpoint.hub
+        pending = endpoint.handshakes
+        if pending and len(hub.sessions) + pending >= hub.config.limits.max_connections:
+            # Full with handshakes under way: closed unanswered. (Full with
+            # sessions alone, one at a time is let in, to be answered 429.)
+            hub.metrics.rate_limited.labels("max_connections").inc()
+            stream.close()
             return
         loop = asyncio.get_running_loop()
         fd = stream.socket.fileno()
+        endpoint.handshakes += 1
 
         def first_bytes() -> None:
+            endpoint.handshakes -= 1
             loop.remove_reader(fd)
             timer.cancel()
             self._first_bytes(stream, address)
 
         def silent() -> None:
+            endpoint.handshakes -= 1
             loop.remove_reader(fd)
-            super(Server, self).handle_stream(stream, address)
+            stream.close()
 
         # Until then the stream has no handler of its own on this fd.
         loop.add_reader(fd, first_bytes)
-        timer = loop.call_later(FIRST_BYTES_TIMEOUT, silent)
+        timer = loop.call_later(self.handshake_timeout, silent)
 
     def _first_bytes(self, stream: IOStream, address: Any) -> None:
         sock = stream.socket
@@ -239,6 +286,136 @@ class Server(HTTPServer):
         data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
         stream.write(data).add_done_callback(lambda _: stream.close())
         log_access("GET", self.path, err.status, 0.0, remote_ip)
+
+
+class Acceptor:
+    """Accepts connections on a listening socket, as Tornado's
+    ``add_accept_handler`` does, except when the process or the system runs
+    out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM; any other
+    error alike): instead of failing on every readiness event of a socket it
+    cannot accept from (a spinning loop, a traceback each time), it stops
+    accepting for a while, 5 ms doubling up to 1 s as Go's ``net/http``
+    does, and new connections wait in the listen backlog. One warning per
+    ``LOG_EVERY`` seconds says so; the first accept that works says it ended."""
+
+    BATCH = 128  # accepted per readiness event at most, as Tornado
+    MIN_PAUSE = 0.005
+    MAX_PAUSE = 1.0
+    LOG_EVERY = 10.0
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        callback: Callable[[socket.socket, Any], None],
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._callback = callback
+        self._metrics = metrics
+        self._loop = asyncio.get_running_loop()
+        self._pause = 0.0  # the last pause, 0 while accepting works
+        self._timer: asyncio.TimerHandle | None = None
+        self._logged_at = -self.LOG_EVERY
+        self._pauses = 0  # since the last warning
+        self._stopped = False
+
+    def start(self) -> None:
+        self._loop.add_reader(self._fd, self._accept)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        else:
+            self._loop.remove_reader(self._fd)
+
+    def _accept(self) -> None:
+        for _ in range(self.BATCH):
+            if self._stopped:
+                return
+            try:
+                conn, address = self._sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue  # closed by the peer while in the backlog
+            except OSError as err:
+                self._wait(err)
+                return
+            if self._pause:
+                self._pause = 0.0
+                log.info("server.accept_resumed")
+            self._callback(conn, address)
+
+    def _wait(self, err: OSError) -> None:
+        self._loop.remove_reader(self._fd)
+        self._pause = min(self.MAX_PAUSE, max(self.MIN_PAUSE, 2 * self._pause))
+        self._timer = self._loop.call_later(self._pause, self._resume)
+        self._pauses += 1
+        if self._metrics is not None:
+            self._metrics.accept_pauses.inc()
+        now = time.monotonic()
+        if now - self._logged_at >= self.LOG_EVERY:
+            log.warning(
+                "server.accept_paused",
+                error=errno.errorcode.get(err.errno or 0, str(err.errno)),
+                message=err.strerror,
+                pause=self._pause,
+                pauses=self._pauses,
+            )
+            self._logged_at, self._pauses = now, 0
+
+    def _resume(self) -> None:
+        self._timer = None
+        if not self._stopped:
+            self._loop.add_reader(self._fd, self._accept)
+            self._accept()
+
+
+class BodyLimit(HTTPMessageDelegate):
+    """Answers 413, naming the limit, a request that says its body is over
+    ``max_body_bytes``, before any of the body is read (Tornado would answer
+    400 and close). The peer's body is read and dropped for a moment after
+    the answer, so closing does not reset the connection before the client
+    has read why."""
+
+    def __init__(self, delegate: HTTPMessageDelegate, conn: HTTP1Connection, limit: int) -> None:
+        self.delegate = delegate
+        self.conn = conn
+        self.limit = limit
+
+    def headers_received(
+        self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
+    ) -> Awaitable[None] | None:
+        length = headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.limit:
+            assert isinstance(start_line, RequestStartLine)
+            self._refuse(start_line)
+            return None
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.delegate.on_connection_close()
+
+    def _refuse(self, start_line: RequestStartLine) -> None:
+        err = ProtocolError(TOO_LARGE, f"the request body is over {self.limit} bytes", status=413)
+        body = encode_json({"error": err.as_data()})
+        data = (
+            "HTTP/1.1 413 Content Too Large\r\n"
+            "Content-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
+        stream = self.conn.detach()  # Tornado stops reading this connection
+        peer = stream.socket.getpeername()[0] if stream.socket is not None else None
+        log_access(start_line.method, start_line.path.partition("?")[0], 413, 0.0, peer)
+        linger(stream, stream.write(data))
 
 
 class WebSocket(asyncio.Protocol):

@@ -310,3 +310,27 @@ class TestPlainHS256:
             assert err.value.message == message, name
         assert auth.verify(tokens["good"]).sub == "alice"
         assert auth.verify(tokens["expired_within_leeway"]).sub == "alice"
+
+
+class TestAbsurdClaims:
+    @pytest.mark.parametrize("exp", [10**15, 10**30, 1e300])
+    async def test_expiry_past_year_9999(self, server: Running, exp: float) -> None:
+        """An expiry no date can show (10**15 s is the year 31 million) is
+        refused with a reason, on the WebSocket and over HTTP, instead of
+        registering and then failing."""
+        token = jwt.encode(claims(exp=exp), SECRET, algorithm="HS256")
+        err = await refused(server, token)
+        message = "token exp is out of range (a time before 10000)"
+        assert (err.code, err.message) == ("unauthorized", message)
+        status, body = await server.http("GET", "/api/users/alice/notifications", token=token)
+        assert status == 401 and body["error"]["message"] == message
+
+    async def test_audience_while_none_is_configured(self, server: Running) -> None:
+        """A token minted for some audience is for another service: refused
+        while ``auth.audience`` is unset (PyJWT's own default)."""
+        token = jwt.encode(claims(aud="billing"), SECRET, algorithm="HS256")
+        err = await refused(server, token)
+        assert (err.code, err.message) == (
+            "unauthorized",
+            "token names an audience and auth.audience is not configured",
+        )

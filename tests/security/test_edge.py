@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tornado.websocket import websocket_connect
@@ -166,7 +167,7 @@ def test_out_of_descriptors(tmp_path: Path) -> None:
     assert "Traceback" not in log_path.read_text()
 
 
-async def register(port: int, token: str) -> dict[str, object]:
+async def register(port: int, token: str) -> dict[str, Any]:
     ws = await asyncio.wait_for(websocket_connect(f"ws://127.0.0.1:{port}/ws"), 15)
     try:
         await ws.write_message(json.dumps({"event": "register", "id": 1, "data": {"token": token}}))

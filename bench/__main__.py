@@ -283,6 +283,30 @@ def connections(loadgen: Path, workdir: Path, n: int, kind: str = "rtserver") ->
         }
 
 
+def churn(loadgen: Path, workdir: Path, waves: int, per_wave: int) -> dict[str, Any]:
+    """Open and register ``per_wave`` connections, drop them, ``waves`` times:
+    RSS with a wave open and after it is gone. The first wave's figures are
+    the reference: it has made every one-time allocation."""
+    tokens = token_file(workdir, per_wave)
+    with server("rtserver", workdir) as (port, proc):
+        open_mb, closed_mb = [], []
+        for _ in range(waves):
+            client = ws_clients(loadgen, port, per_wave, tokens, "0", "600")
+            open_mb.append(rss_kb(proc.pid) / 1024)
+            client.kill()
+            client.communicate()
+            time.sleep(1.5)  # the server notices every close
+            closed_mb.append(rss_kb(proc.pid) / 1024)
+        return {
+            "first_open_mb": open_mb[0],
+            "first_closed_mb": closed_mb[0],
+            "last_closed_mb": closed_mb[-1],
+            "max_open_mb": max(open_mb),
+            "growth": closed_mb[-1] / closed_mb[0] - 1,
+            "closed_mb": [round(r, 1) for r in closed_mb],
+        }
+
+
 def per_user(
     loadgen: Path,
     workdir: Path,
@@ -414,7 +438,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        default="fanout,cluster,connections,peruser,http,latency",
+        default="fanout,cluster,connections,churn,peruser,http,latency",
         help="comma-separated scenarios",
     )
     args = parser.parse_args()
@@ -463,6 +487,20 @@ def main() -> None:
             )
         )
         print(rows[-1], flush=True)
+
+    if "churn" in only:
+        per_wave, waves = int(10000 * scale), 10 if args.quick else 30
+        result = churn(loadgen, workdir, waves, per_wave)
+        rows.append(
+            (
+                f"RSS after {waves} waves of {per_wave:,} connections opened, registered, dropped",
+                f"{result['last_closed_mb']:.0f} MB ({result['growth']:+.0%})",
+                f"after the first wave {result['first_closed_mb']:.0f} MB; with a wave open:"
+                f" first {result['first_open_mb']:.0f} MB, highest {result['max_open_mb']:.0f} MB",
+                "-",
+            )
+        )
+        print(rows[-1], result["closed_mb"], flush=True)
 
     if "connections" in only:
         n = int(19000 * scale)

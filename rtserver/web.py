@@ -343,8 +343,9 @@ def linger(stream: IOStream, written: Awaitable[None]) -> None:
 async def _linger(stream: IOStream, written: Awaitable[None]) -> None:
     try:
         await written
-        if not isinstance(stream, SSLIOStream):
-            stream.socket.shutdown(socket.SHUT_WR)
+        sock = stream.socket  # None once the peer has closed
+        if sock is not None and not isinstance(stream, SSLIOStream):
+            sock.shutdown(socket.SHUT_WR)
         async with asyncio.timeout(CLOSE_TIMEOUT):
             while True:
                 await stream.read_bytes(65536, partial=True)

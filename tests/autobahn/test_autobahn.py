@@ -69,11 +69,15 @@ def echo_servers(tmp_path: Path) -> Iterator[dict[str, int]]:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
         yield ports
     finally:
+        logged = ""
         for proc in procs:
             proc.kill()
             proc.wait()
             if proc.stdout is not None:
+                logged += proc.stdout.read()
                 proc.stdout.close()
+        # Nothing a fuzzing client sends is an error on the server's side.
+        assert '"level":"error"' not in logged, logged[:2000]
 
 
 def test_autobahn_fuzzing_client(echo_servers: dict[str, int], tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import build_loadgen, per_user, raw_limit
+from bench.__main__ import build_loadgen, churn, per_user, raw_limit
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None, reason="gcc builds the load generator (apt-get install gcc)"
@@ -44,3 +44,11 @@ def test_per_user_sends_on_a_store_with_history(loadgen: Path, tmp_path: Path) -
     result = per_user(loadgen, tmp_path, users=50, count=1_000, batch=100, held=2_000)
     assert result["received"] == 1_000
     assert result["stored"] == 3_000
+
+
+def test_churn_reads_memory_after_each_wave(loadgen: Path, tmp_path: Path) -> None:
+    """Each wave is opened, registered and dropped; RSS is read with it open and gone."""
+    result = churn(loadgen, tmp_path, waves=3, per_wave=200)
+    assert len(result["closed_mb"]) == 3
+    assert 10 < result["first_closed_mb"] <= result["max_open_mb"] + 5
+    assert result["growth"] == result["last_closed_mb"] / result["first_closed_mb"] - 1

@@ -109,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", default=None)
         args = p.parse_args(argv[1:])
     else:
-        p = argparse.ArgumentParser(prog="run.py", description="Run the rtserver server.")
+        p = argparse.ArgumentParser(
+            prog="run.py",
+            description="Run the rtserver server.",
+            epilog="python run.py token USER_ID [--role ROLE] [--ttl SECONDS] prints a"
+            " signed token (python run.py token --help).",
+        )
         p.add_argument("--config", default=None, help=f"YAML file (default {DEFAULT_CONFIG.name})")
         p.add_argument("--host", default=None)
         p.add_argument("--port", type=int, default=None)

@@ -4,7 +4,7 @@ Events: ``mark_read``, ``get_notifications`` and ``received`` (delivery receipts
 Routes: ``POST /api/notifications`` (batch), ``POST /api/notifications/{user_id}``, ``POST /api/sessions/{id}/messages``,
 ``GET /api/users/{user_id}/notifications``,
 ``GET /api/users/{user_id}/notifications/{id}`` and, where ``server.test_routes``
-is on, the seed's ``POST /api/test/notification/{user_id}``.
+is on, the test route ``POST /api/test/notification/{user_id}``.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class BatchHandler(APIHandler):
 
 
 class TestSendHandler(APIHandler):
-    """``POST /api/test/notification/{user_id}``: the seed's test route, no token.
+    """``POST /api/test/notification/{user_id}``: the test route of the module rtserver replaces, no token.
 
     Only routed where ``server.test_routes`` is true (never in production).
     """

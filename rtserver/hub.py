@@ -1,4 +1,4 @@
-"""The Python API, with the seed's names, and the server's shared state.
+"""The Python API, with the names of the Flask-SocketIO module it replaces, and the server's shared state.
 
 Plugins, the HTTP API and embedding applications all go through ``Hub``:
 

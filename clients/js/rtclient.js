@@ -288,7 +288,7 @@ export class RTClient {
   }
 }
 
-// -- the seed's functional API ----------------------------------------------
+// -- the functional API (the names of the module rtserver replaces) ----------------------------------------------
 
 let current = null;
 

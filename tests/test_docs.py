@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from rtserver.config import Config
 from rtserver.metrics import Metrics
+
+from .processes import ServerProcess
+from .test_run import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +60,47 @@ def test_security_md_names_real_limit_keys() -> None:
     keys = {f.name for f in msgspec.structs.fields(Config().limits)}
     mentioned = set(re.findall(r"limits\.([a-z_]+)", doc))
     assert mentioned and mentioned <= keys, mentioned - keys
+
+
+def readme_block(language: str, containing: str) -> str:
+    """The README's ``language`` code block that contains ``containing``."""
+    text = (ROOT / "README.md").read_text()
+    blocks: list[str] = re.findall(rf"```{language}\n(.*?)```", text, re.S)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
+    """README's "Try it" shell block, then its Python client example, run by
+    bash against a real ``python run.py`` on the development config (another
+    port and data directory, so it cannot meet a server already running)."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    port = free_port()
+    config = tmp_path / "default.yaml"
+    config.write_text(
+        (ROOT / "config" / "default.yaml")
+        .read_text()
+        .replace("data_dir: data", f"data_dir: {tmp_path / 'data'}")
+    )
+    server = ServerProcess(config, port)
+    server.start()
+    try:
+        shell = readme_block("bash", "run.py token user123")
+        python = readme_block("python", "Client.connect")
+        script = f"{shell}\npython - <<'PY'\n{python}PY\n".replace("8888", str(port))
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    # curl prints each answer without a newline, so the client's lines follow them.
+    assert done.stdout.count('"delivered":0}') == 2  # nobody was connected: both stored
+    assert done.stdout.endswith("unread: 2\nTest notification None\n")  # the oldest first

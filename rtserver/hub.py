@@ -40,6 +40,7 @@ from rtserver.limits import RateLimits
 from rtserver.log import get_logger
 from rtserver.metrics import Metrics
 from rtserver.protocol import (
+    INTERNAL_ERROR,
     NOT_FOUND,
     IdGenerator,
     Notification,
@@ -147,6 +148,9 @@ class Hub:
         #: Called as (user_id, ids, connection or None) when notifications
         #: become delivered; the app forwards them to the rtserver_delivered hook.
         self.delivered_listeners: list[Callable[[str, list[str], Connection | None], None]] = []
+        #: ``(user_id, payload) -> payload``, in order, before a notification
+        #: is built (the ``rtserver_notification`` hook); user_id None: a broadcast.
+        self.notification_filters: Sequence[Callable[[str | None, dict[str, Any]], Any]] = ()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.metrics.bind_gauges(
             connections=lambda: len(self.sessions),
@@ -283,6 +287,8 @@ class Hub:
         """Validate ``payload`` against the limits; raises ``ProtocolError``.
         ``notification_id``: one reserved earlier (an idempotent retry)."""
         limits = self.config.limits
+        if self.notification_filters:
+            payload = self.filter_notification(user_id, payload)
         nid = notification_id or self.new_id()
         return build_notification(
             payload,
@@ -294,6 +300,23 @@ class Hub:
             max_fields=limits.max_fields,
             broadcast=broadcast,
         )
+
+    def filter_notification(self, user_id: str | None, payload: Any) -> Any:
+        """``payload`` through the ``rtserver_notification`` hooks, in order:
+        each gets what the one before returned. A ``ProtocolError`` refuses
+        the notification as it says; any other exception is logged and refuses
+        it with ``internal_error`` (500): the caller is told, nothing is sent."""
+        for hook in self.notification_filters:
+            try:
+                payload = hook(user_id, payload)
+            except ProtocolError:
+                raise
+            except Exception:
+                log.exception("hook.failed", hook="rtserver_notification", user_id=user_id)
+                raise ProtocolError(
+                    INTERNAL_ERROR, "a plugin failed on this notification", status=500
+                ) from None
+        return payload
 
     async def send_notification(
         self, user_id: str, payload: dict[str, Any], *, notification_id: str | None = None
@@ -362,6 +385,8 @@ class Hub:
         for index, (user_id, payload) in enumerate(items):
             try:
                 _check_user_id(user_id)
+                if self.notification_filters:
+                    payload = self.filter_notification(user_id, payload)
                 notifications.append(
                     build_notification(
                         payload,

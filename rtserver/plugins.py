@@ -11,6 +11,7 @@ frame is one dictionary lookup. Every hook is documented in docs/plugins.md
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -119,6 +120,18 @@ class Hookspecs:
         a receipts-session (``connection``), or first written to a session
         without receipts (``connection`` None). At least once per notification."""
 
+    @hookspec
+    def rtserver_notification(
+        self, hub: Hub, user_id: str | None, notification: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Called for every notification accepted to send or store (per-user,
+        batch, broadcast with ``user_id`` None, ``save_notification``), before it
+        is validated, given its id, stored and pushed. Return a changed
+        notification (a new dict, or this one changed), or None to keep it;
+        raise ``ProtocolError`` to refuse it (the caller gets that error).
+        Plugins run in ``plugins.enabled`` order, each given the result of the
+        one before. Synchronous: it runs on the send path."""
+
 
 @dataclass(frozen=True)
 class Registered:
@@ -154,7 +167,7 @@ class Plugins:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as err:
-            raise PluginError(f"plugin {err.plugin!r}: {err}") from None
+            raise PluginError(self._invalid(err)) from None
         self.events = self._collect_events()
         self.routes = self._collect_routes()
 
@@ -163,6 +176,22 @@ class Plugins:
             self.pm.register(plugin, name=name)
         except (ValueError, pluggy.PluginValidationError) as err:
             raise PluginError(f"plugin {name!r}: {err}") from None
+
+    def _invalid(self, err: pluggy.PluginValidationError) -> str:
+        """What is wrong with a plugin's hooks, naming the plugin once."""
+        name = self.pm.get_name(err.plugin) or getattr(err.plugin, "__name__", "?")
+        unknown = re.search(r"unknown hook '([^']+)'", str(err))
+        if unknown is None:
+            return f"plugin {name!r}: {str(err).split(' in plugin ')[0]}"
+        hooks = ", ".join(sorted(h for h in dir(Hookspecs) if h.startswith("rtserver_")))
+        return f"plugin {name!r}: {unknown.group(1)!r} is not an rtserver hook (hooks: {hooks})"
+
+    def notification_filters(self, hub: Hub) -> list[NotificationHook]:
+        """The ``rtserver_notification`` implementations, in order."""
+        return [
+            NotificationHook(hub, impl.function, tuple(impl.argnames))
+            for impl in self.pm.hook.rtserver_notification.get_hookimpls()
+        ]
 
     def names(self) -> list[str]:
         return [name for name, _ in self.pm.list_name_plugin()]
@@ -217,3 +246,20 @@ class Plugins:
     def notify(self, hook: str, **kwargs: Any) -> list[Any]:
         """Run a per-connection hook; the caller deals with awaitables."""
         return [result for _, result in self._each(hook, **kwargs)]
+
+
+class NotificationHook:
+    """One plugin's ``rtserver_notification`` as ``(user_id, notification) ->
+    notification``: called with the arguments it asks for; None keeps it."""
+
+    __slots__ = ("function", "hub", "names")
+
+    def __init__(self, hub: Hub, function: Callable[..., Any], names: tuple[str, ...]) -> None:
+        self.hub = hub
+        self.function = function
+        self.names = names
+
+    def __call__(self, user_id: str | None, notification: dict[str, Any]) -> Any:
+        given = {"hub": self.hub, "user_id": user_id, "notification": notification}
+        changed = self.function(**{name: given[name] for name in self.names})
+        return notification if changed is None else changed

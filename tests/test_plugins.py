@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from rtserver.app import make_app
 from rtserver.client import ClientError
 from rtserver.plugins import EventHandler, Hookspecs, PluginError, hookimpl
+from rtserver.protocol import ProtocolError
 
 from .conftest import StartServer, make_config
 
@@ -67,8 +68,11 @@ class TestLoading:
     def test_misspelled_hook_stops_startup(self, tmp_path: Path) -> None:
         """A hookimpl that matches no hook spec is refused (pluggy check_pending)."""
         bad = plugin(rtserver_event=lambda config: [])
-        with pytest.raises(PluginError, match="rtserver_event"):
+        with pytest.raises(PluginError) as err:
             make_app(make_config(tmp_path), plugins=[("bad", bad)])
+        message = str(err.value)
+        assert message.startswith("plugin 'bad': 'rtserver_event' is not an rtserver hook (hooks: ")
+        assert "rtserver_events, " in message and "namespace" not in message
 
     def test_wrong_hook_arguments_stop_startup(self, tmp_path: Path) -> None:
         """A hookimpl asking for an argument the spec does not give is refused."""
@@ -194,3 +198,76 @@ def test_every_hook_is_documented() -> None:
     assert hooks
     for name in hooks:
         assert re.search(rf"^###\s+`?{name}", doc, re.M), f"{name} is not documented"
+
+
+class TestNotificationHook:
+    """``rtserver_notification``: change, redact or refuse a notification before
+    it is stored and pushed, in one place for every way of sending."""
+
+    @staticmethod
+    def hooks() -> list[tuple[str, object]]:
+        def tag(notification: dict[str, Any]) -> dict[str, Any]:
+            if notification.get("type") == "spam":
+                raise ProtocolError("forbidden", "spam is not sent", status=403)
+            if notification.get("type") == "crash":
+                raise RuntimeError("a bug in the plugin")
+            return {k: v for k, v in notification.items() if k != "ssn"} | {"tagged": 1}
+
+        def count(user_id: str | None, notification: dict[str, Any]) -> None:
+            notification["tagged"] += 1  # runs second: sees the first one's result
+            notification["for"] = user_id
+
+        return [
+            ("tag", plugin(rtserver_notification=tag)),
+            ("count", plugin(rtserver_notification=count)),
+        ]
+
+    async def test_changed_stored_and_pushed_alike(self, start_server: StartServer) -> None:
+        srv = await start_server(extra_plugins=self.hooks())
+        client = await srv.user("u1")
+        token = srv.token("svc", "publisher")
+        status, body = await srv.http(
+            "POST", "/api/notifications/u1", {"message": "hi", "ssn": "123"}, token=token
+        )
+        assert status == 201
+        pushed = await client.next("notification")
+        (stored,) = await srv.hub.get_notifications_for_user("u1")
+        for seen in (pushed, body["notification"], stored.to_wire()):
+            assert "ssn" not in seen and seen["tagged"] == 2 and seen["for"] == "u1"
+        status, _ = await srv.http(
+            "POST",
+            "/api/notifications",
+            [{"user_id": "u2", "notification": {"message": "b"}}],
+            token=token,
+        )
+        assert status == 201
+        (batched,) = await srv.hub.get_notifications_for_user("u2")
+        assert batched.to_wire()["tagged"] == 2
+        await srv.hub.send_broadcast_notification({"message": "all"})
+        broadcast = await client.next("notification")
+        assert broadcast["tagged"] == 2 and broadcast["for"] is None
+
+    async def test_refused_and_failing(self, start_server: StartServer) -> None:
+        srv = await start_server(extra_plugins=self.hooks())
+        token = srv.token("svc", "publisher")
+        status, body = await srv.http(
+            "POST", "/api/notifications/u1", {"message": "x", "type": "spam"}, token=token
+        )
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+        status, body = await srv.http(
+            "POST",
+            "/api/notifications",
+            [
+                {"user_id": "u1", "notification": {"message": "ok"}},
+                {"user_id": "u1", "notification": {"message": "x", "type": "spam"}},
+            ],
+            token=token,
+        )
+        assert status == 403 and body["error"]["message"] == "[1]: spam is not sent"
+        with capture_logs() as logs:
+            status, body = await srv.http(
+                "POST", "/api/notifications/u1", {"message": "x", "type": "crash"}, token=token
+            )
+        assert (status, body["error"]["code"]) == (500, "internal_error")
+        assert [e["hook"] for e in logs if e["event"] == "hook.failed"] == ["rtserver_notification"]
+        assert await srv.hub.get_notifications_for_user("u1") == []  # nothing stored

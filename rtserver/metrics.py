@@ -15,6 +15,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import generate_latest
 
+from rtserver.protocol import ERROR_CODES
+
+#: The names ``RateLimits`` counts refusals under (``rtserver_rate_limited{limit}``).
+RATE_LIMITS = (
+    "frames",
+    "connections_per_user",
+    "registers",
+    "http",
+    "connections",
+    "max_connections",
+)
+
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -142,6 +154,14 @@ class Metrics:
             "Requests answered from an earlier request with the same Idempotency-Key",
             registry=r,
         )
+        # Known labels start at zero, so that a dashboard shows 0 rather than
+        # no data until the first error, refusal or failed write.
+        for code in ERROR_CODES:
+            self.errors.labels(code)
+        for limit in RATE_LIMITS:
+            self.rate_limited.labels(limit)
+        for op in ("insert", "get", "after", "mark_delivered", "mark_undelivered"):
+            self.store_errors.labels(op)
 
     def bind_gauges(
         self,

@@ -44,7 +44,6 @@ RATE_LIMITED: Final = "rate_limited"
 UNSUPPORTED: Final = "unsupported"
 UNAVAILABLE: Final = "unavailable"
 INTERNAL_ERROR: Final = "internal_error"
-
 ERROR_CODES: Final = frozenset(
     {
         BAD_REQUEST,

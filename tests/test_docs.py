@@ -104,3 +104,24 @@ def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
     # curl prints each answer without a newline, so the client's lines follow them.
     assert done.stdout.count('"delivered":0}') == 2  # nobody was connected: both stored
     assert done.stdout.endswith("unread: 2\nTest notification None\n")  # the oldest first
+
+
+def test_readme_embedding_example_runs_as_written(tmp_path: Path) -> None:
+    """README's Python API example, run from a directory holding the
+    development config (its SQLite file goes there, not into the checkout)."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(ROOT / "config" / "default.yaml", tmp_path / "config" / "default.yaml")
+    done = subprocess.run(
+        [sys.executable, "-c", readme_block("python", "make_app(load_config")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    # Its own lines, among the log lines (structlog's console format: no
+    # logging was configured).
+    printed = [line for line in done.stdout.splitlines() if not line.startswith("20")]
+    assert printed[:2] == ["2 unread; 0 sessions", "0 connections"]
+    assert printed[2].startswith("sent from a thread: ")
+    assert (tmp_path / "data" / "rtserver.db").exists()

@@ -141,9 +141,21 @@ class TestDispatch:
         assert {s["user_id"] for s in listed["sessions"]} == {"plain", "root"}
 
 
+def doc_block(language: str, containing: str) -> str:
+    doc = (ROOT / "docs" / "plugins.md").read_text()
+    blocks: list[str] = re.findall(rf"```{language}\n(.*?)```", doc, re.S)
+    (found,) = [b for b in blocks if containing in b]
+    return found
+
+
 @pytest.fixture(scope="module")
 def installed_echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """pip-install the sample plugin package (tests/sample_plugin) into a target dir."""
+    """The plugin package docs/plugins.md shows, copied out of it as a reader
+    would (its module and its pyproject.toml), pip-installed into a target dir."""
+    package = tmp_path_factory.mktemp("rtserver-echo")
+    (package / "rtserver_echo").mkdir()
+    (package / "rtserver_echo" / "__init__.py").write_text(doc_block("python", "def echo("))
+    (package / "pyproject.toml").write_text(doc_block("toml", "[project]"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [
@@ -156,7 +168,7 @@ def installed_echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "--no-build-isolation",
             "--target",
             str(target),
-            str(ROOT / "tests" / "sample_plugin"),
+            str(package),
         ],
         check=True,
         capture_output=True,
@@ -188,7 +200,7 @@ async def test_external_plugin_package_over_websocket(
         await client.request("echo", {"text": 5})
     assert err.value.code == "bad_request" and "data.text" in err.value.message
     status, body = await srv.http("GET", "/api/echo/count")
-    assert (status, body) == (200, {"echoes": 1})
+    assert (status, body) == (200, {"sessions": 1})
 
 
 def test_every_hook_is_documented() -> None:

@@ -161,6 +161,11 @@ class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     retry_max: float = 5.0
     #: MongoDB: how long one operation waits for a reachable server (seconds).
     server_selection_timeout: float = 2.0
+    #: MongoDB: how long a request sent waits for its answer (seconds). A
+    #: server that stops answering counts as unreachable then: what is being
+    #: sent goes to the outage spool (a write that did land is stored once
+    #: anyway, by its id).
+    operation_timeout: float = 5.0
 
 
 class LoggingConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -324,6 +329,8 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
         )
     if not 0 < config.server.handshake_timeout <= 300:
         raise ConfigError(f"{source}: server.handshake_timeout: seconds, over 0 and at most 300")
+    if not 0 < config.store.operation_timeout <= 300:
+        raise ConfigError(f"{source}: store.operation_timeout: seconds, over 0 and at most 300")
     if config.store.spool_max_bytes < 4096:
         raise ConfigError(f"{source}: store.spool_max_bytes: at least 4096")
     if config.server.idempotency_ttl <= 0 or config.server.idempotency_lease <= 0:

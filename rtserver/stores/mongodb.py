@@ -191,6 +191,7 @@ class MongoStore(Store):
             config.uri,
             serverSelectionTimeoutMS=int(config.server_selection_timeout * 1000),
             connectTimeoutMS=int(config.server_selection_timeout * 1000),
+            socketTimeoutMS=int(config.operation_timeout * 1000),
             tz_aware=True,
             appname="rtserver",
         )

@@ -73,7 +73,7 @@ class TestPingFlood:
             pongs += 1
         assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1008
         assert payload[2:] == b"too many frames; slow down"
-        assert 90 <= pongs <= 110
+        assert 90 <= pongs <= 150  # the burst of 100, and what refills meanwhile (50/s)
         raw.close()
         sent = await server.hub.send_notification("bystander", {"message": "still here"})
         pushed = await bystander.next("notification")

@@ -306,3 +306,24 @@ async def test_insert_many_is_one_unordered_insert(opened: MongoStore, mock: Moc
     results = await task
     assert results[:2] == [None, None]
     assert isinstance(results[2], StoreError) and "validation" in str(results[2])
+
+
+async def test_a_server_that_stops_answering_is_an_outage(mock: MockupDB) -> None:
+    """An insert whose answer never comes waits ``store.operation_timeout``,
+    then is spooled like any other during an outage (not a hung request)."""
+    store = MongoStore(config(mock.uri, operation_timeout=0.5))
+    task = asyncio.ensure_future(store.open())
+    (await receive(mock)).replies(
+        cursor({"v": 2, "key": {"_id": 1}, "name": "_id_"}, *EXISTING_INDEXES)
+    )
+    await answer_ok(mock, 1)
+    await task
+    try:
+        sent = asyncio.ensure_future(store.insert_many([note("u", "silence")]))
+        request = await receive(mock)  # received, and never answered
+        assert command(request)["insert"] == "notifications"
+        assert await asyncio.wait_for(sent, 5) == [None]
+        assert store.buffered == 1
+    finally:
+        await store.spool.close()
+        await store._client.close()

@@ -336,6 +336,10 @@ class MongoStore(Store):
                 # Accepted while flushing: spooled behind, flushed too.
                 while self.spool.pending or self.spool.keys or self._delivered or self._undelivered:
                     await self._flush()
+                    if self.spool.adding:
+                        # Still being written to the spool: nothing for _flush
+                        # yet, and the writes land only if the loop runs.
+                        await asyncio.sleep(0.005)
             except (PyMongoError, StoreError) as err:
                 log.debug("store.retry_failed", attempt=backoff.attempt, error=redact(str(err)))
                 continue

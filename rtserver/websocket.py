@@ -413,7 +413,10 @@ class BodyLimit(HTTPMessageDelegate):
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode() + body
         stream = self.conn.detach()  # Tornado stops reading this connection
-        peer = stream.socket.getpeername()[0] if stream.socket is not None else None
+        try:
+            peer = stream.socket.getpeername()[0] if stream.socket is not None else None
+        except OSError:  # the peer is gone already
+            peer = None
         log_access(start_line.method, start_line.path.partition("?")[0], 413, 0.0, peer)
         linger(stream, stream.write(data))
 

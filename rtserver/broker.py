@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 log = get_logger("rtserver.broker")
 
 
+class BrokerUnavailable(Exception):
+    """Redis cannot be reached: whether another node can act is unknown."""
+
+
 class LocalBroker:
     """A single process: nothing to share."""
 
@@ -204,9 +208,11 @@ class RedisBroker(LocalBroker):
         )
 
     async def send_to_session(self, session_id: str, framed: bytes) -> bool:
-        """Route a direct message to the node that holds ``session_id``."""
+        """Route a direct message to the node that holds ``session_id``: True
+        when one does, False when none does; ``BrokerUnavailable`` when Redis
+        cannot say (no node can be asked, so "no such session" would be false)."""
         if not self.healthy:
-            return False
+            raise BrokerUnavailable("redis is unreachable")
         try:
             for node_id, info in (await self.nodes()).items():
                 if node_id != self.node_id and session_id in info.get("sessions", {}):
@@ -216,6 +222,7 @@ class RedisBroker(LocalBroker):
                     return True
         except Exception as err:
             log.warning("broker.command_failed", error=str(err))
+            raise BrokerUnavailable(str(err)) from None
         return False
 
     def watch_user(self, user_id: str) -> None:

@@ -32,7 +32,7 @@ import msgspec
 from tornado.ioloop import PeriodicCallback
 
 from rtserver.auth import Authenticator
-from rtserver.broker import make_broker
+from rtserver.broker import BrokerUnavailable, make_broker
 from rtserver.config import Config
 from rtserver.delivery import Delivery, frame, notification_frame
 from rtserver.idempotency import Keys
@@ -42,6 +42,7 @@ from rtserver.metrics import Metrics
 from rtserver.protocol import (
     INTERNAL_ERROR,
     NOT_FOUND,
+    UNAVAILABLE,
     IdGenerator,
     Notification,
     ProtocolError,
@@ -541,9 +542,16 @@ class Hub:
         if self.delivery.to_session(session_id, "message", payload):
             return 1
         if self.broker.enabled:
-            return (
-                1 if await self.broker.send_to_session(session_id, frame("message", payload)) else 0
-            )
+            try:
+                sent = await self.broker.send_to_session(session_id, frame("message", payload))
+            except BrokerUnavailable:
+                raise ProtocolError(
+                    UNAVAILABLE,
+                    "the cluster cannot be reached to find this session; try again",
+                    status=503,
+                    extra={"retry_after": 1.0},
+                ) from None
+            return 1 if sent else 0
         return 0
 
     async def send_broadcast_notification(

@@ -250,6 +250,16 @@ async def test_redis_outage_then_recovery(cluster2: Cluster) -> None:
     assert [(await a.next("notification"))["id"] for _ in sent] == sent
     status, ready = await cluster2.http(0, "GET", "/readyz")
     assert ready["broker"] == "degraded"
+    # A session on another node cannot be found, which is not "no such session".
+    status, body = await cluster2.http(
+        0, "POST", f"/api/sessions/{b.session_id}/messages", {"message": "x"}, role="publisher"
+    )
+    assert (status, body["error"]["code"]) == (503, "unavailable")
+    status, _ = await cluster2.http(
+        0, "POST", f"/api/sessions/{a.session_id}/messages", {"message": "here"}, role="publisher"
+    )
+    assert status == 200  # its own sessions it still reaches
+    assert await a.next("message") == {"message": "here"}
     cluster2.redis.start()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -153,18 +153,25 @@ class Hub:
         #: is built (the ``rtserver_notification`` hook); user_id None: a broadcast.
         self.notification_filters: Sequence[Callable[[str | None, dict[str, Any]], Any]] = ()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._outbound_most = 0
         self.metrics.bind_gauges(
             connections=lambda: len(self.sessions),
             peak=lambda: self.sessions.peak,
             users=self.sessions.users,
-            sessions=lambda: sum(1 for _ in self.sessions.registered()),
-            outbound=lambda: sum(c.outbound_buffer() for c in self.sessions),
-            outbound_max=lambda: max((c.outbound_buffer() for c in self.sessions), default=0),
+            sessions=lambda: self.sessions.sessions,
+            outbound=self._outbound_total,
+            outbound_max=lambda: self._outbound_most,
             store_buffered=lambda: getattr(self.store, "buffered", 0),
             store_dead_letters=lambda: getattr(self.store, "dead_letters", 0),
             socket_writes=lambda: self.delivery.outbox.sends,
             held_flushes=lambda: self.delivery.outbox.held,
         )
+
+    def _outbound_total(self) -> int:
+        """For the outbound gauges: one pass gives both; the fullest queue's
+        gauge, read next in the same collection, takes what this one found."""
+        total, self._outbound_most = self.sessions.outbound()
+        return total
 
     # -- lifecycle --------------------------------------------------------
 

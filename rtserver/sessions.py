@@ -545,6 +545,8 @@ class SessionRegistry:
         self._by_user: dict[str, dict[str, Connection]] = {}
         self.total = 0
         self.peak = 0
+        #: Registered sessions, kept in step (a gauge reads it per scrape).
+        self.sessions = 0
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -557,14 +559,18 @@ class SessionRegistry:
     def register(self, conn: Connection, user_id: str) -> None:
         conn.user_id = user_id
         conn.registered_at = time.time()
-        self._by_user.setdefault(user_id, {})[conn.session_id] = conn
+        sessions = self._by_user.setdefault(user_id, {})
+        if conn.session_id not in sessions:
+            self.sessions += 1
+        sessions[conn.session_id] = conn
 
     def unregister(self, conn: Connection) -> None:
         """Undo ``register``: the connection stays open but is no session."""
         if conn.user_id is not None:
             sessions = self._by_user.get(conn.user_id)
             if sessions is not None:
-                sessions.pop(conn.session_id, None)
+                if sessions.pop(conn.session_id, None) is not None:
+                    self.sessions -= 1
                 if not sessions:
                     del self._by_user[conn.user_id]
         conn.user_id = None
@@ -592,6 +598,17 @@ class SessionRegistry:
 
     def users(self) -> int:
         return len(self._by_user)
+
+    def outbound(self) -> tuple[int, int]:
+        """Bytes waiting to be written: in all connections, and in the fullest.
+        One pass, without a copy of the registry."""
+        total = most = 0
+        for conn in self._connections.values():
+            queued = conn.outbound_buffer()
+            total += queued
+            if queued > most:
+                most = queued
+        return total, most
 
     def registered(self) -> list[Connection]:
         """A snapshot: safe while pushes close slow sessions mid-loop."""

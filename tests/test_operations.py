@@ -234,3 +234,21 @@ async def test_startup_applies_gc_thresholds(start_server: StartServer) -> None:
     await start_server(server={"gc_thresholds": [5000, 7, 9]})
     assert gc.get_threshold() == (5000, 7, 9)
     assert gc.get_freeze_count() > 0
+
+
+async def test_session_and_queue_gauges_follow_connections(server: Running) -> None:
+    """The sessions gauge is kept in step (no walk over every connection per
+    scrape): registering, a user's second session, and closing all count."""
+    bare = await server.connect()
+    first = await server.user("gauge")
+    second = await server.user("gauge")
+    await server.user("other")
+    metrics = server.hub.get_connection_metrics()
+    assert (metrics["connections"], metrics["sessions"], metrics["registered_users"]) == (4, 3, 2)
+    assert metrics["outbound_queue_bytes"] == metrics["outbound_queue_max_bytes"] == 0
+    await first.close()
+    await second.close()
+    await bare.close()
+    assert await wait_until(lambda: len(server.hub.sessions) == 1, timeout=3)
+    metrics = server.hub.get_connection_metrics()
+    assert (metrics["connections"], metrics["sessions"], metrics["registered_users"]) == (1, 1, 1)

@@ -227,9 +227,25 @@ def close_payload(code: int | None, reason: str | None) -> bytes:
     return code.to_bytes(2, "big") + data
 
 
-def valid_close_code(code: int) -> bool:
+def _valid_close_code(code: int) -> bool:
     """Codes a peer may send (RFC 6455 7.4)."""
     return (1000 <= code <= 1014 and code not in (1004, 1005, 1006)) or 3000 <= code <= 4999
+
+
+def close_frame_fault(payload: bytes) -> tuple[int, str] | None:
+    """What is wrong with a peer's close frame payload, as the close code and
+    reason to fail the connection with, or None when it is well formed: a
+    one-byte payload or a code a peer may not send (1002), a reason that is
+    not UTF-8 (1007)."""
+    if len(payload) == 1 or (
+        len(payload) >= 2 and not _valid_close_code(int.from_bytes(payload[:2], "big"))
+    ):
+        return 1002, "invalid close frame"
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return 1007, "a close reason must be UTF-8"
+    return None
 
 
 class _Pushed(msgspec.Struct):

@@ -44,13 +44,13 @@ from rtserver.protocol import (
     UNSUPPORTED,
     ProtocolError,
     check_shape,
+    close_frame_fault,
     close_payload,
     decode_data,
     decode_frame,
     decode_json,
     encode_json,
     salvage_id,
-    valid_close_code,
 )
 from rtserver.sessions import Connection, Stream, Transport
 from rtserver.stores.base import StoreError
@@ -284,19 +284,10 @@ class StrictProtocol(WebSocketProtocol13):
                 return None
             return self._run_callback(self.handler.on_message, text)
         if opcode == 0x8:
-            if len(data) == 1:
-                self._fail(1002, "invalid close frame")
+            fault = close_frame_fault(data)
+            if fault is not None:
+                self._fail(*fault)
                 return None
-            if len(data) >= 2:
-                code = int.from_bytes(data[:2], "big")
-                if not valid_close_code(code):
-                    self._fail(1002, "invalid close frame")
-                    return None
-                try:
-                    data[2:].decode("utf-8")
-                except UnicodeDecodeError:
-                    self._fail(1007, "a close reason must be UTF-8")
-                    return None
         return super()._handle_message(opcode, data)
 
     def _fail(self, code: int, reason: str) -> None:
@@ -341,16 +332,17 @@ def linger(stream: IOStream, written: Awaitable[None]) -> None:
 
 
 async def _linger(stream: IOStream, written: Awaitable[None]) -> None:
+    # Each way this ends (the peer closes, resets, or outlasts CLOSE_TIMEOUT)
+    # ends the same: the stream closed.
     try:
-        await written
-        sock = stream.socket  # None once the peer has closed
-        if sock is not None and not isinstance(stream, SSLIOStream):
-            sock.shutdown(socket.SHUT_WR)
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            while True:
-                await stream.read_bytes(65536, partial=True)
-    except (StreamClosedError, OSError, TimeoutError):
-        pass
+        with contextlib.suppress(StreamClosedError, OSError, TimeoutError):
+            await written
+            sock = stream.socket  # None once the peer has closed
+            if sock is not None and not isinstance(stream, SSLIOStream):
+                sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                while True:
+                    await stream.read_bytes(65536, partial=True)
     finally:
         stream.close()
 

@@ -53,9 +53,9 @@ from rtserver.protocol import (
     CLOSE_TIMEOUT,
     TOO_LARGE,
     ProtocolError,
+    close_frame_fault,
     close_payload,
     encode_json,
-    valid_close_code,
 )
 from rtserver.sessions import Connection
 from rtserver.web import Endpoint, linger, log_access, origin_allowed, retry_after
@@ -682,19 +682,14 @@ class WebSocket(asyncio.Protocol):
         self._read()
 
     def _peer_closed(self, payload: bytes) -> None:
-        code: int | None = None
-        if len(payload) >= 2:
-            code = int.from_bytes(payload[:2], "big")
-            try:
-                self.close_reason = payload[2:].decode("utf-8")
-            except UnicodeDecodeError:
-                self.close_code = code
-                self._fail(1007, "a close reason must be UTF-8")
-                return
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
         self.close_code = code
-        if len(payload) == 1 or (code is not None and not valid_close_code(code)):
-            self._fail(1002, "invalid close frame")
+        fault = close_frame_fault(payload)
+        if fault is not None:
+            self._fail(*fault)
             return
+        if code is not None:
+            self.close_reason = payload[2:].decode("utf-8")
         if not self._closing:  # answer with the same code
             if self.conn is not None:
                 self.conn.flush()  # what was written before goes first

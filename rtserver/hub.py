@@ -1,4 +1,5 @@
-"""The Python API, with the names of the Flask-SocketIO module it replaces, and the server's shared state.
+"""The Python API, with the names of the Flask-SocketIO module it replaces,
+and the server's shared state.
 
 Plugins, the HTTP API and embedding applications all go through ``Hub``:
 
@@ -291,9 +292,12 @@ class Hub:
         *,
         broadcast: bool = False,
         notification_id: str | None = None,
+        created_at: float | None = None,
     ) -> Notification:
-        """Validate ``payload`` against the limits; raises ``ProtocolError``.
-        ``notification_id``: one reserved earlier (an idempotent retry)."""
+        """The one place a notification is made: through the
+        ``rtserver_notification`` hooks, then validated against the limits;
+        raises ``ProtocolError``. ``notification_id``: one reserved earlier (an
+        idempotent retry); ``created_at``: its time, when the caller has it."""
         limits = self.config.limits
         if self.notification_filters:
             payload = self.filter_notification(user_id, payload)
@@ -302,7 +306,7 @@ class Hub:
             payload,
             user_id=user_id,
             notification_id=nid,
-            created_at=IdGenerator.created_at(nid),
+            created_at=IdGenerator.created_at(nid) if created_at is None else created_at,
             max_bytes=limits.max_notification_bytes,
             max_depth=limits.max_depth,
             max_fields=limits.max_fields,
@@ -389,21 +393,15 @@ class Hub:
         if ids is None:
             ids = self.new_id.take(len(items))
         created_at = IdGenerator.created_at(ids[0]) if ids else 0.0  # the same for all
-        limits = self.config.limits
         for index, (user_id, payload) in enumerate(items):
             try:
                 _check_user_id(user_id)
-                if self.notification_filters:
-                    payload = self.filter_notification(user_id, payload)
                 notifications.append(
-                    build_notification(
+                    self.make_notification(
+                        user_id,
                         payload,
-                        user_id=user_id,
                         notification_id=ids[index],
-                        created_at=created_at if fresh else IdGenerator.created_at(ids[index]),
-                        max_bytes=limits.max_notification_bytes,
-                        max_depth=limits.max_depth,
-                        max_fields=limits.max_fields,
+                        created_at=created_at if fresh else None,
                     )
                 )
             except ProtocolError as err:

@@ -43,21 +43,15 @@ async def serve(config: Config) -> None:
     app = make_app(config)
     server = app.make_server()
     # Bound before the store opens, so a port in use fails at once; nothing
-    # is accepted until the app has started.
+    # is accepted until the app has started. (On a StartupError the process
+    # exits, which closes them.)
     sockets = listen(srv.host, srv.port, "server.port")
     metrics_sockets = []
     if srv.metrics_port is not None:
-        try:
-            metrics_sockets = listen(srv.metrics_host, srv.metrics_port, "server.metrics_port")
-        except StartupError:
-            for sock in sockets:
-                sock.close()
-            raise
+        metrics_sockets = listen(srv.metrics_host, srv.metrics_port, "server.metrics_port")
     try:
         await app.startup()
     except StoreError as err:
-        for sock in sockets + metrics_sockets:
-            sock.close()
         raise StartupError(f"store: {err}; check store.* in the config") from None
     server.add_sockets(sockets)
     metrics_server = None

@@ -11,6 +11,7 @@ the bottleneck. Loopback only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -95,6 +96,8 @@ def server(
         env = {**os.environ, "RTBENCH_WEBSOCKET": "tornado"}
     if kind == "rtserver-unwritten":  # a diagnostic: rows made, never written
         env = {**os.environ, "RTBENCH_STORE": "unwritten"}
+    if kind == "rtserver-stalls":  # records the event loop's longest stall
+        env = {**os.environ, "RTBENCH_STALLS": "1"}
     made = None  # a data directory made here, removed with the server
     if kind.startswith("rtserver"):
         if data is None:
@@ -183,12 +186,11 @@ def fanout(kind: str, loadgen: Path, workdir: Path, n: int, total: int) -> dict[
         return finish(client)
 
 
-def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str, Any]:
-    """Two rtserver nodes on the server core, n/2 clients on each, broadcasts
-    sent to node A reach node B's clients through Redis (on the client core)."""
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server on the client core; yields its URL."""
     redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        return {"rate": 0.0, "skipped": "redis-server not installed"}
+    assert redis_bin is not None
     rport = free_port()
     redis = subprocess.Popen(
         [
@@ -206,7 +208,18 @@ def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str
         preexec_fn=pinned(CLIENT_CPU),
     )
     time.sleep(0.5)
-    url = f"redis://127.0.0.1:{rport}/0"
+    try:
+        yield f"redis://127.0.0.1:{rport}/0"
+    finally:
+        redis.kill()
+        redis.wait()
+
+
+def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str, Any]:
+    """Two rtserver nodes on the server core, n/2 clients on each, broadcasts
+    sent to node A reach node B's clients through Redis (on the client core)."""
+    if shutil.which("redis-server") is None:
+        return {"rate": 0.0, "skipped": "redis-server not installed"}
     data = tempfile.mkdtemp(dir=workdir)
     count = max(1, total // n)
     half = n // 2
@@ -215,6 +228,7 @@ def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str
     second_half.write_text("".join(tokens.read_text().splitlines(keepends=True)[half:]))
     try:
         with (
+            redis_server() as url,
             server("rtserver", workdir, url, data) as (pa, _),
             server("rtserver", workdir, url, data) as (pb, _),
         ):
@@ -230,8 +244,103 @@ def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str
                 "expected": count * n,
             }
     finally:
-        redis.kill()
-        redis.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cluster_routing(loadgen: Path, workdir: Path, sessions: int, count: int) -> dict[str, Any]:
+    """Direct messages to one session on node A, ``sessions`` registered there
+    in all: through node B (one publish to A's channel, one answer back) and
+    to A itself, each POST answered before the next; B's CPU per message;
+    A's longest event-loop stall over idle heartbeats; A's keys in Redis."""
+    import redis as redis_client
+
+    from rtserver.client import Client
+
+    if shutil.which("redis-server") is None:
+        return {"skipped": "redis-server not installed"}
+    data = tempfile.mkdtemp(dir=workdir)
+    publisher = jwt.encode(
+        {"sub": "svc", "role": "publisher", "exp": int(time.time()) + 3600}, SECRET, "HS256"
+    )
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {publisher}"}
+    loop = asyncio.new_event_loop()
+    reader = threading.Thread(target=loop.run_forever, daemon=True)
+    reader.start()
+
+    def call(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    def timed(port: int, session_id: str, n: int) -> list[float]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            conn.request(
+                "POST", f"/api/sessions/{session_id}/messages", json.dumps({"i": i}), headers
+            )
+            resp = conn.getresponse()
+            resp.read()
+            times.append((time.perf_counter() - t0) * 1000)
+            assert resp.status == 200, resp.status
+        conn.close()
+        return times
+
+    try:
+        with (
+            redis_server() as url,
+            server("rtserver-stalls", workdir, url, data) as (pa, _),
+            server("rtserver", workdir, url, data) as (pb, proc_b),
+        ):
+            idle = ws_clients(
+                loadgen, pa, sessions - 1, token_file(workdir, sessions - 1), 10**9, 600
+            )
+            target = call(Client.connect(f"ws://127.0.0.1:{pa}/ws"))
+            token = jwt.encode({"sub": "target", "exp": int(time.time()) + 3600}, SECRET, "HS256")
+            call(target.register(token, receipts=False))
+            time.sleep(1.0)
+            timed(pb, target.session_id, 100)  # warm up both paths
+            timed(pa, target.session_id, 100)
+            cpu_b = process_cpu(proc_b.pid)
+            through = timed(pb, target.session_id, count)
+            cpu_b = process_cpu(proc_b.pid) - cpu_b
+            local = timed(pa, target.session_id, count)
+            post(pa, "/bench/stall", {})
+            time.sleep(5.0)  # five heartbeats or more, nothing else going on
+            stall = post(pa, "/bench/stall", {})["longest_ms"]
+            r = redis_client.Redis.from_url(url)
+            node_a = target.session_id.split(".")[0]
+            keys = {
+                "node_hash_kb": (r.memory_usage(f"rt:node:{node_a}") or 0) / 1024,
+                "sessions_in_redis": r.hlen(f"rt:node:{node_a}"),
+                "nodes_zset_b": r.memory_usage("rt:nodes") or 0,
+                "metrics_hash_b": r.memory_usage("rt:metrics") or 0,
+            }
+            r.close()
+            call(target.close())
+            finish(idle)
+            return {
+                "through_p50": percentile(through, 0.5),
+                "through_p99": percentile(through, 0.99),
+                "local_p50": percentile(local, 0.5),
+                "local_p99": percentile(local, 0.99),
+                "b_cpu_ms": cpu_b * 1000 / count,
+                "stall_ms": stall,
+                **keys,
+            }
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        reader.join(5)
+        loop.close()
         shutil.rmtree(data, ignore_errors=True)
 
 
@@ -438,7 +547,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        default="fanout,cluster,connections,churn,peruser,http,latency",
+        default="fanout,cluster,routing,connections,churn,peruser,http,latency",
         help="comma-separated scenarios",
     )
     args = parser.parse_args()
@@ -487,6 +596,27 @@ def main() -> None:
             )
         )
         print(rows[-1], flush=True)
+
+    if "routing" in only:
+        figures = {
+            n: cluster_routing(loadgen, workdir, n, int(2000 * max(scale, 0.25)))
+            for n in (100, 15000)
+        }
+        for n, f in figures.items():
+            if "skipped" in f:
+                continue
+            rows.append(
+                (
+                    f"direct message through another node, {n:,} sessions there, p50 / p99 (ms)",
+                    f"{f['through_p50']:.2f} / {f['through_p99']:.2f}",
+                    f"to the node itself {f['local_p50']:.2f} / {f['local_p99']:.2f}; "
+                    f"sender's CPU {f['b_cpu_ms']:.2f} ms a message; target's longest stall "
+                    f"{f['stall_ms']:.2f} ms; its Redis hash {f['node_hash_kb']:.0f} KB "
+                    f"({f['sessions_in_redis']:,} sessions)",
+                    "-",
+                )
+            )
+            print(rows[-1], flush=True)
 
     if "churn" in only:
         per_wave, waves = int(10000 * scale), 10 if args.quick else 30

@@ -89,10 +89,36 @@ class UnwrittenStore(SQLiteStore):
         return [None] * len(notifications)
 
 
+class Stalls:
+    """The event loop's longest stall: a task that asks to wake every
+    millisecond and records how late it woke."""
+
+    longest = 0.0
+
+    @classmethod
+    async def watch(cls) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.001)
+            cls.longest = max(cls.longest, time.perf_counter() - t0 - 0.001)
+
+
+class StallLoad(APIHandler):
+    """POST: the longest stall since the last call, in ms (and start over)."""
+
+    async def post(self) -> None:
+        longest, Stalls.longest = Stalls.longest, 0.0
+        self.send({"longest_ms": longest * 1000})
+
+
 class BenchPlugin:
     @hookimpl
     def rtserver_routes(self, config: Any) -> list[Route]:
-        return [Route(r"/bench/broadcast", BroadcastLoad), Route(r"/bench/send", SendLoad)]
+        return [
+            Route(r"/bench/broadcast", BroadcastLoad),
+            Route(r"/bench/send", SendLoad),
+            Route(r"/bench/stall", StallLoad),
+        ]
 
 
 async def main(port: int, data_dir: str, secret: str, redis_url: str | None = None) -> None:
@@ -132,6 +158,8 @@ async def main(port: int, data_dir: str, secret: str, redis_url: str | None = No
         gc.set_threshold(*map(int, os.environ["RTBENCH_GC"].split(",")))
     server = app.make_server()
     server.listen(port, "127.0.0.1", backlog=4096)
+    if os.environ.get("RTBENCH_STALLS"):
+        watcher = asyncio.get_running_loop().create_task(Stalls.watch())  # noqa: F841 (kept)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

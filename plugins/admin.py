@@ -15,10 +15,11 @@ from typing import Any
 
 import msgspec
 
+from rtserver.broker import MAX_SESSIONS_PAGE
 from rtserver.config import Config
 from rtserver.hub import Hub
 from rtserver.plugins import EventContext, EventHandler, Route, hookimpl
-from rtserver.protocol import NOT_FOUND, ProtocolError
+from rtserver.protocol import BAD_REQUEST, NOT_FOUND, ProtocolError
 from rtserver.web import APIHandler
 
 
@@ -32,15 +33,22 @@ class Disconnect(msgspec.Struct, forbid_unknown_fields=True):
 
 class ListSessions(msgspec.Struct, forbid_unknown_fields=True):
     user_id: str | None = None
+    cursor: str | None = None
+    limit: int = 1000
 
 
-async def session_list(hub: Hub, user_id: str | None = None) -> list[dict[str, Any]]:
-    """Sessions on every node of the cluster (just this one without a broker)."""
-    return await hub.cluster_sessions(user_id)
+async def session_list(
+    hub: Hub, user_id: str | None, cursor: str | None, limit: int
+) -> dict[str, Any]:
+    """A page of the sessions on every node of the cluster (just this one
+    without a broker), or all of one user's."""
+    if not 1 <= limit <= MAX_SESSIONS_PAGE:
+        raise ProtocolError(BAD_REQUEST, f"limit: from 1 to {MAX_SESSIONS_PAGE}")
+    return await hub.cluster_sessions(user_id, cursor=cursor, limit=limit)
 
 
-def disconnect(hub: Hub, session_id: str) -> None:
-    if not hub.disconnect_session(session_id):
+async def disconnect(hub: Hub, session_id: str) -> None:
+    if not await hub.disconnect(session_id):
         raise ProtocolError(NOT_FOUND, "no such session", status=404)
 
 
@@ -49,11 +57,11 @@ async def broadcast_event(ctx: EventContext, data: Broadcast) -> dict[str, Any]:
 
 
 async def sessions_event(ctx: EventContext, data: ListSessions) -> dict[str, Any]:
-    return {"sessions": await session_list(ctx.hub, data.user_id)}
+    return await session_list(ctx.hub, data.user_id, data.cursor, data.limit)
 
 
-def disconnect_event(ctx: EventContext, data: Disconnect) -> dict[str, Any]:
-    disconnect(ctx.hub, data.session_id)
+async def disconnect_event(ctx: EventContext, data: Disconnect) -> dict[str, Any]:
+    await disconnect(ctx.hub, data.session_id)
     return {"disconnected": data.session_id}
 
 
@@ -106,20 +114,25 @@ class DeadLetterHandler(APIHandler):
 
 
 class SessionsHandler(APIHandler):
-    """``GET /api/admin/sessions[?user_id=U]``."""
+    """``GET /api/admin/sessions[?user_id=U][?cursor=C&limit=N]``."""
 
     async def get(self) -> None:
         self.claims("admin")
         user_id = self.get_query_argument("user_id", None)
-        self.send({"sessions": await session_list(self.hub, user_id)})
+        cursor = self.get_query_argument("cursor", None)
+        limit = self.get_query_argument("limit", "1000")
+        if not limit.isdigit():
+            raise ProtocolError(BAD_REQUEST, "limit: a number")
+        self.send(await session_list(self.hub, user_id, cursor, int(limit)))
 
 
 class SessionHandler(APIHandler):
-    """``DELETE /api/admin/sessions/{session_id}``: close it (1008)."""
+    """``DELETE /api/admin/sessions/{session_id}``: close it (1008), on
+    whichever node holds it."""
 
-    def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str) -> None:
         self.claims("admin")
-        disconnect(self.hub, session_id)
+        await disconnect(self.hub, session_id)
         self.send({"disconnected": session_id})
 
 

@@ -215,12 +215,14 @@ class BrokerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: section at all) is a single process.
     backend: Literal["redis", "none"] = "redis"
     url: str | None = "redis://127.0.0.1:6379/0"
-    #: This node's id; generated when not set.
+    #: This node's id (letters, digits, ``_`` and ``-``; it starts every
+    #: session id of the node); generated when not set.
     node_id: str | None = None
     #: Key and channel prefix, so several clusters can share one Redis.
     prefix: str = "rt"
-    #: Seconds after which a silent node's sessions vanish from the cluster view.
-    session_ttl: float = 10.0
+    #: Seconds without a heartbeat (sent every third of this) after which a
+    #: node is dead: its sessions leave the cluster view and answer 404.
+    session_ttl: float = 3.0
     #: Seconds to wait for one Redis operation.
     timeout: float = 2.0
     #: Publishes waiting for Redis; past this they are skipped (the receivers'
@@ -349,6 +351,15 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
         raise ConfigError(
             f"{source}: server.gc_thresholds: three positive integers (0 would disable collection)"
         )
+    broker = config.broker
+    if (
+        broker is not None
+        and broker.node_id is not None
+        and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", broker.node_id)
+    ):
+        raise ConfigError(f"{source}: broker.node_id: 1-64 letters, digits, '_' or '-'")
+    if broker is not None and not 0.3 <= broker.session_ttl <= 3600:
+        raise ConfigError(f"{source}: broker.session_ttl: seconds, from 0.3 to 3600")
     unknown = set(config.plugins.settings) - set(config.plugins.enabled)
     if unknown:
         raise ConfigError(f"{source}: plugins.settings.{sorted(unknown)[0]}: plugin is not enabled")

@@ -115,12 +115,8 @@ class Delivery:
         every send: how many sessions here it reached, and whether one of
         them does not confirm receipts (so it counts as delivered now).
         ``sessions``: the user's, when the caller has them at hand."""
-        if self.broker.enabled:
-            self.broker.publish_user(user_id, framed, notification_id, None)
         if sessions is None:
             sessions = self.sessions.view_of_user(user_id)
-        if not sessions:
-            return 0, False
         n, plain = 0, False
         for conn in tuple(sessions):  # a push may close a slow session
             if conn.push(framed, notification_id):
@@ -130,6 +126,9 @@ class Delivery:
         if n:
             self._frames("notification", n)
             self._kinds("user", n)
+        if self.broker.enabled:
+            # Delivered here already: the other nodes need not say they got it.
+            self.broker.publish_user(user_id, framed, notification_id, None, waiting=not plain)
         return n, plain
 
     def to_session(self, session_id: str, event: str, data: Any) -> bool:

@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import math
 import time
-from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 from tornado.ioloop import PeriodicCallback
 
 from rtserver.auth import Authenticator
-from rtserver.broker import BrokerUnavailable, make_broker
+from rtserver.broker import MAX_SESSIONS_PAGE, BrokerUnavailable, make_broker
 from rtserver.config import Config
 from rtserver.delivery import Delivery, frame, notification_frame
 from rtserver.idempotency import Keys
@@ -57,6 +58,21 @@ from rtserver.stores.base import MAX_PAGE, Store, StoreError
 
 T = TypeVar("T")
 log = get_logger("rtserver")
+
+
+@contextlib.asynccontextmanager
+async def _cluster_request() -> AsyncIterator[None]:
+    """Another node cannot be asked: 503 with a retry hint, not a false "no
+    such session"."""
+    try:
+        yield
+    except BrokerUnavailable as err:
+        raise ProtocolError(
+            UNAVAILABLE,
+            f"the node holding this session cannot be reached ({err}); try again",
+            status=503,
+            extra={"retry_after": 1.0},
+        ) from None
 
 
 def _check_user_id(user_id: Any) -> None:
@@ -115,8 +131,8 @@ class Hub:
         self.config = config
         self.store = store
         self.metrics = Metrics()
-        self.sessions = SessionRegistry()
         self.broker = make_broker(config.broker)
+        self.sessions = SessionRegistry(self.broker.session_prefix)
         server = config.server
         self.delivery = Delivery(
             self.sessions,
@@ -546,18 +562,8 @@ class Hub:
         )
         if self.delivery.to_session(session_id, "message", payload):
             return 1
-        if self.broker.enabled:
-            try:
-                sent = await self.broker.send_to_session(session_id, frame("message", payload))
-            except BrokerUnavailable:
-                raise ProtocolError(
-                    UNAVAILABLE,
-                    "the cluster cannot be reached to find this session; try again",
-                    status=503,
-                    extra={"retry_after": 1.0},
-                ) from None
-            return 1 if sent else 0
-        return 0
+        async with _cluster_request():
+            return int(await self.broker.send_to_session(session_id, frame("message", payload)))
 
     async def send_broadcast_notification(
         self, payload: dict[str, Any], *, notification_id: str | None = None
@@ -574,21 +580,12 @@ class Hub:
         log.info("broadcast.sent", notification_id=notification.id, delivered=n)
         return n
 
-    def _pushed(
-        self, user_id: str, notification_id: str, framed: bytes, *, sent_elsewhere: bool = False
-    ) -> None:
+    def _pushed(self, user_id: str, notification_id: str, framed: bytes) -> None:
         """After a live push: delivered now if a session without receipts got
-        it, else delivered once a receipts-session confirms.
-
-        ``sent_elsewhere``: another node sent it. That node may still be
-        writing its row (and this node's mark then finds none), so when a
-        session here settles it, the sending node hears so and marks the row
-        itself once written (``settled_elsewhere``)."""
+        it, else delivered once a receipts-session confirms."""
         sessions = [c for c in self.sessions.view_of_user(user_id) if not c.closed]
         if any(not c.receipts for c in sessions):
             self._note_delivered(user_id, notification_id)
-            if sent_elsewhere:
-                self.broker.publish_settled(user_id, [notification_id])
         else:
             self.receipts.expect(user_id, notification_id, framed, {c.session_id for c in sessions})
 
@@ -633,36 +630,33 @@ class Hub:
         if saving:
             # Pushed before its row was written: mark it once the row exists.
             await asyncio.gather(*saving)
-        known, unknown, latencies = self.receipts.confirm(user_id, list(dict.fromkeys(ids)))
-        for seconds in latencies:
+        done = self.receipts.confirm(user_id, list(dict.fromkeys(ids)))
+        for seconds in done.latencies:
             self.metrics.confirm_seconds.observe(seconds)
-        self.metrics.confirmed.inc(len(known))
-        for nid in known:
+        self.metrics.confirmed.inc(len(done.latencies))
+        for nid in done.known:
             self._note_delivered(user_id, nid, connection)
-        if unknown:
-            # Not pushed by this process (a restart, another node, or confirmed
-            # twice): the store is told, scoped to the user, and marks only
-            # first times.
+        for origin, sent_there in done.elsewhere.items():
+            self.broker.settle(origin, user_id, sent_there)  # that node writes it
+        if done.unknown:
+            # Not pushed by this process (a restart, or confirmed twice): the
+            # store is told, scoped to the user, and marks only first times.
             await self._store_op(
                 "mark_delivered",
-                self.store.mark_delivered(unknown, time.time(), user_id=user_id),
+                self.store.mark_delivered(done.unknown, time.time(), user_id=user_id),
             )
-        self.broker.publish_settled(user_id, known + unknown)
-        return len(known)
+        return len(done.known)
 
     def settled_elsewhere(self, user_id: str, ids: list[str]) -> None:
-        """Another node's session confirmed these: stop waiting for them here.
-        Those this node pushed it also marks delivered itself, once their rows
-        are written: the confirming node's mark may have come first and found
-        no row to mark."""
-        mine = []
+        """Another node's session got (or confirmed) notifications this node
+        sent: they are delivered. This node stops waiting for receipts of
+        them and marks them, once their rows are written (the push may have
+        gone out before the write)."""
         for nid in ids:
             entry = self.receipts.get(nid)
             if entry is not None and entry.user_id == user_id:
                 self.receipts.forget(nid)
-                mine.append(nid)
-        if mine:
-            self.spawn(self._mark_settled(user_id, mine))
+        self.spawn(self._mark_settled(user_id, ids))
 
     async def _mark_settled(self, user_id: str, ids: list[str]) -> None:
         saving = self._rows_pending(user_id)
@@ -709,7 +703,7 @@ class Hub:
         """
         connection.begin_replay()
         self.sessions.register(connection, user_id)
-        self.broker.watch_user(user_id)
+        self.broker.session_added(connection)
         try:
             unread: int | None = await self._store_op(
                 "unread_count", self.store.unread_count(user_id)
@@ -783,8 +777,7 @@ class Hub:
             lost = conn.unsent_notifications()
             if lost:
                 conn.requeued = self._requeue(user_id, lost)
-        if not self.sessions.view_of_user(user_id):
-            self.broker.unwatch_user(user_id)
+        self.broker.session_removed(conn)
 
     def connection_finished(self, conn: Connection) -> None:
         """The socket of a gone session is done. Of what it still queued when
@@ -845,58 +838,115 @@ class Hub:
         except StoreError as err:
             log.error("delivery.requeue_failed", user_id=user_id, ids=ids, error=str(err))
 
-    def deliver_from_cluster(
-        self, user_id: str, framed: bytes, nid: str | None, exclude_session: str | None
+    # -- from other nodes (``broker.Node``) ---------------------------------
+
+    def from_cluster(
+        self,
+        user_id: str,
+        framed: bytes,
+        notification_id: str | None,
+        exclude_session: str | None,
+        origin: str,
+        waiting: bool,
     ) -> None:
-        """A frame another node published for ``user_id``: to the sessions here."""
+        """A push another node (``origin``) published for ``user_id``: to the
+        sessions here. The origin writes the notification's delivery state:
+        when it is ``waiting``, a session here without receipts getting it
+        settles it there at once; receipts-sessions settle it when they confirm."""
         n = self.delivery.to_user(
             user_id,
-            "notification" if nid else "read",
+            "notification" if notification_id else "read",
             None,
-            notification_id=nid,
+            notification_id=notification_id,
             framed=framed,
             fan_out=False,
             exclude_session=exclude_session,
         )
-        if n and nid:
-            self._pushed(user_id, nid, framed, sent_elsewhere=True)
+        if not n or notification_id is None:
+            return
+        sessions = [c for c in self.sessions.view_of_user(user_id) if not c.closed]
+        if any(not c.receipts for c in sessions):
+            if waiting:
+                self.broker.settle(origin, user_id, [notification_id])
+        else:
+            self.receipts.expect(
+                user_id,
+                notification_id,
+                framed,
+                {c.session_id for c in sessions},
+                origin=origin,
+                waiting=waiting,
+            )
 
-    async def cluster_sessions(self, user_id: str | None = None) -> list[dict[str, Any]]:
-        """Sessions on every node (this one first), each with its ``node_id``."""
-        local = self.sessions.of_user(user_id) if user_id else list(self.sessions)
-        out = [{**c.info(), "node_id": self.broker.node_id} for c in local]
-        if self.broker.enabled:
-            for node_id, state in (await self.broker.nodes()).items():
-                if node_id == self.broker.node_id:
-                    continue
-                for info in state.get("sessions", {}).values():
-                    if user_id is None or info.get("user_id") == user_id:
-                        out.append({**info, "node_id": node_id})
-        return out
+    def broadcast_from_cluster(self, framed: bytes) -> None:
+        self.delivery.broadcast_framed(framed, fan_out=False)
+
+    def message_from_cluster(self, session_id: str, framed: bytes) -> bool:
+        conn = self.sessions.get(session_id)
+        if conn is None or not conn.registered or conn.closed:
+            return False
+        return self.delivery.to_connection_framed(conn, framed, "message")
+
+    def summary(self) -> dict[str, Any]:
+        """This node's figures for the cluster's view: counters, no walk over
+        the connections."""
+        sessions = self.sessions
+        return {
+            "connections": len(sessions),
+            "sessions": sessions.sessions,
+            "registered_users": sessions.users(),
+            "connections_accepted_total": sessions.total,
+            "connections_peak": sessions.peak,
+        }
+
+    # -- the cluster's view -------------------------------------------------
+
+    async def cluster_sessions(
+        self,
+        user_id: str | None = None,
+        *,
+        cursor: str | None = None,
+        limit: int = MAX_SESSIONS_PAGE,
+    ) -> dict[str, Any]:
+        """``{"sessions": [...], "next": cursor, "partial": bool}``: the
+        user's sessions on every node, or a page of everyone's (this node's
+        first); each with its ``node_id``. ``partial``: Redis could not be
+        read, so only this node's are there."""
+        return await self.broker.sessions(user_id, cursor=cursor, limit=limit)
 
     async def cluster_metrics(self) -> dict[str, Any]:
-        """This node's metrics, and with a broker every node's, by node id."""
-        mine = self.get_connection_metrics()
-        nodes = {self.broker.node_id: mine}
-        if self.broker.enabled:
-            for node_id, state in (await self.broker.nodes()).items():
-                nodes.setdefault(node_id, state.get("metrics", {}))
+        """Every node's summary figures by node id, and their totals."""
+        view = await self.broker.metrics()
+        nodes = view["nodes"]
         totals = {
             key: sum(n.get(key, 0) for n in nodes.values())
             for key in ("connections", "sessions", "registered_users", "connections_accepted_total")
         }
-        return {"node_id": self.broker.node_id, "cluster": totals, "nodes": nodes}
+        return {
+            "node_id": self.broker.node_id,
+            "cluster": totals,
+            "nodes": nodes,
+            "partial": view["partial"],
+        }
 
     def get_user_sessions(self, user_id: str) -> list[str]:
-        """Session ids of the user's live sessions."""
+        """Session ids of the user's live sessions on this node."""
         return [c.session_id for c in self.sessions.of_user(user_id)]
 
     def disconnect_session(self, session_id: str, reason: str = "disconnected by admin") -> bool:
+        """Close a session of this node (1008); False when it has none."""
         conn = self.sessions.get(session_id)
         if conn is None:
             return False
         conn.close(1008, reason)
         return True
+
+    async def disconnect(self, session_id: str, reason: str = "disconnected by admin") -> bool:
+        """Close a session on whichever node holds it; False when none does."""
+        if self.disconnect_session(session_id, reason):
+            return True
+        async with _cluster_request():
+            return await self.broker.disconnect(session_id, reason)
 
     # -- persistence ------------------------------------------------------
 

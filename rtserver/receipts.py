@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass
@@ -22,6 +23,22 @@ class Unconfirmed:
     pushed_at: float
     first_pushed_at: float
     tried: set[str] = field(default_factory=set)
+    #: The node that sent it, when another one did (a cluster); it writes
+    #: the delivery state, so a receipt here is passed on to it.
+    origin: str | None = None
+    #: The origin waits for a receipt (no session of its own settled it).
+    waiting: bool = True
+
+
+class Confirmed(NamedTuple):
+    #: Ids this node sent and was waiting for: delivered now.
+    known: list[str]
+    #: Ids nobody here waited for (a restart, or confirmed twice).
+    unknown: list[str]
+    #: Seconds from first push to receipt, of each known or passed on.
+    latencies: list[float]
+    #: Ids other nodes sent and wait for, by that node.
+    elsewhere: dict[str, list[str]]
 
 
 class ReceiptTable:
@@ -32,8 +49,18 @@ class ReceiptTable:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def expect(self, user_id: str, notification_id: str, framed: bytes, sessions: set[str]) -> None:
-        """A notification was written to these receipts-sessions of the user."""
+    def expect(
+        self,
+        user_id: str,
+        notification_id: str,
+        framed: bytes,
+        sessions: set[str],
+        *,
+        origin: str | None = None,
+        waiting: bool = True,
+    ) -> None:
+        """A notification was written to these receipts-sessions of the user
+        (``origin``: by the node that sent it, see ``Unconfirmed``)."""
         now = time.monotonic()
         entry = self._waiting.get(notification_id)
         if entry is not None and entry.user_id == user_id:
@@ -42,25 +69,27 @@ class ReceiptTable:
             return
         if len(self._waiting) >= self.capacity:
             del self._waiting[next(iter(self._waiting))]  # oldest first
-        self._waiting[notification_id] = Unconfirmed(user_id, framed, now, now, set(sessions))
+        self._waiting[notification_id] = Unconfirmed(
+            user_id, framed, now, now, set(sessions), origin, waiting
+        )
 
-    def confirm(self, user_id: str, ids: list[str]) -> tuple[list[str], list[str], list[float]]:
-        """Split confirmed ids into those we were waiting for (this user's) and
-        the rest; returns (known, unknown, seconds from first push to receipt)."""
+    def confirm(self, user_id: str, ids: list[str]) -> Confirmed:
+        """Sort the ids a session of ``user_id`` confirmed (see ``Confirmed``);
+        another user's ids are ignored: they prove nothing."""
         now = time.monotonic()
-        known: list[str] = []
-        unknown: list[str] = []
-        latencies: list[float] = []
+        done = Confirmed([], [], [], {})
         for nid in ids:
             entry = self._waiting.get(nid)
             if entry is None:
-                unknown.append(nid)
+                done.unknown.append(nid)
             elif entry.user_id == user_id:
                 del self._waiting[nid]
-                known.append(nid)
-                latencies.append(now - entry.first_pushed_at)
-            # another user's id: ignored, it proves nothing
-        return known, unknown, latencies
+                done.latencies.append(now - entry.first_pushed_at)
+                if entry.origin is None:
+                    done.known.append(nid)
+                elif entry.waiting:
+                    done.elsewhere.setdefault(entry.origin, []).append(nid)
+        return done
 
     def due(self, timeout: float) -> list[tuple[str, Unconfirmed]]:
         """Entries pushed longer than ``timeout`` ago without a receipt."""

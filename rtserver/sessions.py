@@ -203,8 +203,15 @@ class Connection:
         "user_id",
     )
 
-    def __init__(self, transport: Transport, remote_ip: str | None, outbox: Outbox) -> None:
-        self.session_id = secrets.token_urlsafe(12)
+    def __init__(
+        self,
+        transport: Transport,
+        remote_ip: str | None,
+        outbox: Outbox,
+        *,
+        session_id: str | None = None,
+    ) -> None:
+        self.session_id = session_id or secrets.token_urlsafe(12)
         self.user_id: str | None = None
         self.role: Role | None = None
         self.claims: dict[str, Any] = {}
@@ -540,7 +547,10 @@ class Connection:
 class SessionRegistry:
     """Connections by session id, and registered sessions by user."""
 
-    def __init__(self) -> None:
+    def __init__(self, session_prefix: str = "") -> None:
+        #: What this node's session ids start with (in a cluster, its node id
+        #: and a dot: any node can tell where a session is from its id).
+        self.session_prefix = session_prefix
         self._connections: dict[str, Connection] = {}
         self._by_user: dict[str, dict[str, Connection]] = {}
         self.total = 0
@@ -550,6 +560,9 @@ class SessionRegistry:
 
     def __len__(self) -> int:
         return len(self._connections)
+
+    def new_session_id(self) -> str:
+        return self.session_prefix + secrets.token_urlsafe(12)
 
     def add(self, conn: Connection) -> None:
         self._connections[conn.session_id] = conn
@@ -598,6 +611,11 @@ class SessionRegistry:
 
     def users(self) -> int:
         return len(self._by_user)
+
+    def ids(self) -> Iterator[str]:
+        """Registered session ids."""
+        for sessions in self._by_user.values():
+            yield from sessions
 
     def outbound(self) -> tuple[int, int]:
         """Bytes waiting to be written: in all connections, and in the fullest.

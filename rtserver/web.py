@@ -200,7 +200,12 @@ class Endpoint:
     ) -> Connection:
         """The upgrade is done: a Connection, known to the hub, hooks fired."""
         hub = self.hub
-        conn = Connection(transport, remote_ip, outbox=hub.delivery.outbox)
+        conn = Connection(
+            transport,
+            remote_ip,
+            outbox=hub.delivery.outbox,
+            session_id=hub.sessions.new_session_id(),
+        )
         conn.last_seen = time.monotonic()
         if stream is not None:
             stream.max_write_buffer_size = hub.config.server.max_outbound_bytes

@@ -28,8 +28,9 @@ SECRET = "cluster-secret-0123456789-0123456789"
 
 
 class Redis:
-    def __init__(self) -> None:
+    def __init__(self, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -45,6 +46,7 @@ class Redis:
                 "",
                 "--appendonly",
                 "no",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -68,8 +70,14 @@ class Redis:
 
 
 class Cluster:
-    def __init__(self, tmp_path: Path, nodes: int, server_extra: str = "") -> None:
-        self.redis = Redis()
+    def __init__(
+        self,
+        tmp_path: Path,
+        nodes: int,
+        server_extra: str = "",
+        redis_args: tuple[str, ...] = (),
+    ) -> None:
+        self.redis = Redis(redis_args)
         self.redis.start()
         self.config = tmp_path / "cluster.yaml"
         self.config.write_text(

@@ -45,15 +45,17 @@ import asyncio
 import contextlib
 import itertools
 import secrets
-from collections.abc import Collection
-from typing import Any, Protocol, cast
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
 
 import msgspec
 
 from rtserver.backoff import Backoff
 from rtserver.config import BrokerConfig
 from rtserver.log import get_logger
-from rtserver.sessions import Connection, SessionRegistry
+from rtserver.resp import Arg, Command, Connection, Redis, RedisError, RedisUnavailable
+from rtserver.sessions import Connection as Session
+from rtserver.sessions import SessionRegistry
 
 log = get_logger("rtserver.broker")
 
@@ -62,6 +64,8 @@ ANSWER_TIMEOUT = 1.0
 #: Sessions per pipeline when a node writes all of them back, or cleans up
 #: after a dead node.
 CHUNK = 500
+#: Most commands in one pipeline.
+SEND_BATCH = 1000
 #: Largest page of the admin session list.
 MAX_SESSIONS_PAGE = 10000
 
@@ -98,7 +102,7 @@ class Node(Protocol):
     def summary(self) -> dict[str, Any]: ...
 
 
-def session_info(conn: Connection, node_id: str, *, live: bool = True) -> dict[str, Any]:
+def session_info(conn: Session, node_id: str, *, live: bool = True) -> dict[str, Any]:
     """What the admin views show of a session (``live``: with its queue,
     which only the node holding it knows)."""
     info = conn.info()
@@ -151,10 +155,10 @@ class LocalBroker:
 
     # -- presence ---------------------------------------------------------
 
-    def session_added(self, conn: Connection) -> None:
+    def session_added(self, conn: Session) -> None:
         return None
 
-    def session_removed(self, conn: Connection) -> None:
+    def session_removed(self, conn: Session) -> None:
         return None
 
     # -- requests to one session -------------------------------------------
@@ -192,7 +196,7 @@ class LocalBroker:
         page, after = self._local_page(cursor or "", limit)
         return {"sessions": page, "next": after}
 
-    def _mine(self, conns: Collection[Connection]) -> list[dict[str, Any]]:
+    def _mine(self, conns: Collection[Session]) -> list[dict[str, Any]]:
         return [session_info(c, self.node_id) for c in conns]
 
     def _local_page(self, after: str, limit: int) -> tuple[list[dict[str, Any]], str | None]:
@@ -262,38 +266,26 @@ class RedisBroker(LocalBroker):
 
     def __init__(self, config: BrokerConfig) -> None:
         super().__init__()
-        import redis.asyncio as aioredis  # an extra: only clusters need it
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
         self.config = config
         self.node_id = config.node_id or secrets.token_hex(4)
         self.session_prefix = self.node_id + "."
         prefix = self.prefix = config.prefix
-        self._redis = aioredis.Redis.from_url(
-            config.url or "redis://127.0.0.1:6379",
-            socket_connect_timeout=config.timeout,
-            socket_timeout=config.timeout,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        self._heartbeat_script = self._redis.register_script(HEARTBEAT)
-        self._live_script = self._redis.register_script(LIVE)
-        self._forget_script = self._redis.register_script(FORGET)
+        self._redis = Redis(config.url or "redis://127.0.0.1:6379", timeout=config.timeout)
         self._nodes_key = f"{prefix}:nodes"
         self._metrics_key = f"{prefix}:metrics"
         self._gone_key = f"{prefix}:gone"
         self._own_channel = self._node_channel(self.node_id)
         self._own_key = self._node_key(self.node_id)
-        self._pubsub: Any = None
+        #: The subscribed connection, while there is one.
+        self._sub: Connection | None = None
+        self._pong = 0.0
+        self._ponged = asyncio.Event()
         self._users: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        #: Publishes waiting for the sender, and presence writes: (command, args).
-        self._outbox: list[tuple[str, bytes]] = []
-        self._presence: list[tuple[str, tuple[Any, ...]]] = []
+        #: Publishes waiting for the sender, and presence writes.
+        self._outbox: list[Command] = []
+        self._presence: list[Command] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()  # nothing queued or being sent
         self._idle.set()
@@ -343,21 +335,28 @@ class RedisBroker(LocalBroker):
         for task in (*self._tasks, *self._background):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        with contextlib.suppress(Exception):  # Redis may be down: the others time us out
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.zrem(self._nodes_key, self.node_id)
-            pipe.hdel(self._metrics_key, self.node_id)
-            pipe.sadd(self._gone_key, self.node_id)  # sessions left: the next heartbeat's
-            await pipe.execute()
-        await self._redis.aclose()
+        with contextlib.suppress(RedisUnavailable):  # down: the others time us out
+            await self._redis.pipeline(
+                [
+                    ("ZREM", self._nodes_key, self.node_id),
+                    ("HDEL", self._metrics_key, self.node_id),
+                    ("SADD", self._gone_key, self.node_id),  # sessions left: the next beat's
+                ]
+            )
+        if self._sub is not None:
+            self._sub.close()
+        self._redis.close()
 
     async def _drained(self) -> None:
         """Until everything queued so far is sent (or failed)."""
         await self._idle.wait()
 
     async def _hscan(self, key: str, cursor: int, count: int) -> tuple[int, dict[bytes, bytes]]:
-        cursor, entries = await self._redis.hscan(key, cursor, count=count)
-        return cursor, cast(dict[bytes, bytes], entries)
+        after, flat = await self._redis.execute("HSCAN", key, cursor, "COUNT", count)
+        return int(after), dict(zip(flat[::2], flat[1::2], strict=True))
+
+    async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        return await self._redis.execute("EVAL", script, len(keys), *keys, *args)
 
     # -- channels and keys ------------------------------------------------
 
@@ -382,17 +381,17 @@ class RedisBroker(LocalBroker):
         if len(self._outbox) >= self.config.outbox_limit:
             self.dropped += 1  # Redis cannot keep up: the same cover applies
             return
-        self._outbox.append((channel, message))
+        self._outbox.append(("PUBLISH", channel, message))
         self._idle.clear()
         self._wake.set()
 
-    def _write(self, command: str, *args: Any) -> None:
+    def _write(self, *command: Arg) -> None:
         """Queue a presence write (never skipped for a full outbox: a lost one
         would leave the views wrong until the next write-back)."""
         if not self.healthy:
             self._stale = True
             return
-        self._presence.append((command, args))
+        self._presence.append(command)
         self._idle.clear()
         self._wake.set()
 
@@ -402,20 +401,18 @@ class RedisBroker(LocalBroker):
         while not self._stopping:
             await self._wake.wait()
             while self._outbox or self._presence:
-                batch, self._outbox = self._outbox, []
-                writes, self._presence = self._presence, []
+                # At most SEND_BATCH a write, so that parsing their replies
+                # never holds the loop for long (a burst of registers).
+                writes = self._presence[:SEND_BATCH]
+                del self._presence[:SEND_BATCH]
+                room = SEND_BATCH - len(writes)
+                batch = self._outbox[:room]
+                del self._outbox[:room]
                 for attempt in (1, 2):  # a second try replaces a stale connection
                     try:
-                        pipe = self._redis.pipeline(transaction=False)
-                        for command, args in writes:
-                            getattr(pipe, command)(*args)
-                        for channel, message in batch:
-                            pipe.publish(channel, message)
-                        await pipe.execute()
+                        await self._redis.pipeline(writes + batch)
                         break
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as err:
+                    except RedisUnavailable as err:
                         if attempt == 2:
                             # The listener notices an outage and reports it;
                             # receivers recover these through last_id.
@@ -468,30 +465,34 @@ class RedisBroker(LocalBroker):
 
     # -- presence ---------------------------------------------------------
 
-    def session_added(self, conn: Connection) -> None:
+    def session_added(self, conn: Session) -> None:
         user_id = conn.user_id
         assert user_id is not None
         if user_id not in self._users:
             self._users.add(user_id)
-            if self.healthy and self._pubsub is not None:
-                self._spawn(self._pubsub.subscribe(self._user_channel(user_id)))
+            self._subscribe("SUBSCRIBE", self._user_channel(user_id))
         self._write_session(conn)
 
-    def _write_session(self, conn: Connection) -> None:
+    def _write_session(self, conn: Session) -> None:
         assert conn.user_id is not None
         info = msgspec.json.encode(session_info(conn, self.node_id, live=False))
-        self._write("hset", self._own_key, conn.session_id, info)
-        self._write("hset", self._user_key(conn.user_id), conn.session_id, info)
+        self._write("HSET", self._own_key, conn.session_id, info)
+        self._write("HSET", self._user_key(conn.user_id), conn.session_id, info)
 
-    def session_removed(self, conn: Connection) -> None:
+    def session_removed(self, conn: Session) -> None:
         user_id = conn.user_id
         assert user_id is not None and self.node is not None
-        self._write("hdel", self._own_key, conn.session_id)
-        self._write("hdel", self._user_key(user_id), conn.session_id)
+        self._write("HDEL", self._own_key, conn.session_id)
+        self._write("HDEL", self._user_key(user_id), conn.session_id)
         if user_id in self._users and not self.node.sessions.view_of_user(user_id):
             self._users.discard(user_id)
-            if self.healthy and self._pubsub is not None:
-                self._spawn(self._pubsub.unsubscribe(self._user_channel(user_id)))
+            self._subscribe("UNSUBSCRIBE", self._user_channel(user_id))
+
+    def _subscribe(self, command: str, channel: str) -> None:
+        """(Un)subscribe now; while disconnected, ``_listen`` subscribes to
+        every watched channel when it connects again."""
+        if self._sub is not None and self._sub.open:
+            self._sub.write((command, channel))
 
     async def _write_back(self) -> None:
         """Make Redis hold exactly this node's sessions again: remove those
@@ -507,8 +508,8 @@ class RedisBroker(LocalBroker):
             for sid, raw in entries.items():
                 if registry.get(sid.decode()) is None:
                     user_id = msgspec.json.decode(raw)["user_id"]
-                    self._write("hdel", self._own_key, sid)
-                    self._write("hdel", self._user_key(user_id), sid)
+                    self._write("HDEL", self._own_key, sid)
+                    self._write("HDEL", self._user_key(user_id), sid)
             if cursor == 0:
                 break
         conns = registry.registered()
@@ -537,10 +538,10 @@ class RedisBroker(LocalBroker):
             sids = list(entries)
             users = [self._user_key(msgspec.json.decode(entries[s])["user_id"]) for s in sids]
             keys = [self._nodes_key, self._gone_key, key, *users]
-            if not await self._forget_script(keys=keys, args=[node_id, *sids]):
+            if not await self._eval(FORGET, keys, [node_id, *sids]):
                 return
             count += len(sids)
-        await self._redis.srem(self._gone_key, node_id)
+        await self._redis.execute("SREM", self._gone_key, node_id)
         log.info("broker.node_forgotten", node_id=node_id, sessions=count)
 
     # -- requests to one session -------------------------------------------
@@ -565,7 +566,7 @@ class RedisBroker(LocalBroker):
         self._requests[request] = answer
         message = _header(self.node_id, "q", request, session_id, op) + body
         try:
-            if not await self._redis.publish(self._node_channel(node_id), message):
+            if not await self._redis.execute("PUBLISH", self._node_channel(node_id), message):
                 # Nobody listens there: a dead node's sessions are gone; a
                 # live one's listener is reconnecting.
                 if node_id in await self._live():
@@ -574,9 +575,7 @@ class RedisBroker(LocalBroker):
             return await asyncio.wait_for(answer, ANSWER_TIMEOUT)
         except TimeoutError:
             raise BrokerUnavailable(f"node {node_id} did not answer") from None
-        except BrokerUnavailable:
-            raise
-        except Exception as err:
+        except (RedisUnavailable, RedisError) as err:
             log.warning("broker.command_failed", error=str(err))
             raise BrokerUnavailable(str(err)) from None
         finally:
@@ -602,33 +601,52 @@ class RedisBroker(LocalBroker):
         self._stale = True
 
     async def _listen(self) -> None:
+        """Keep a subscribed connection: its messages are delivered as they
+        are parsed; a ping every second (and its pong within
+        ``broker.timeout``) proves it alive; a lost one is replaced, with
+        backoff, and subscribed again to every channel."""
         backoff = Backoff(0.05, 2.0)
+        loop = asyncio.get_running_loop()
         while not self._stopping:
+            sub = None
             try:
-                self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                sub = await self._redis.subscriber(self._pushed)
                 channels = [f"{self.prefix}:b", self._own_channel]
                 channels += [self._user_channel(u) for u in self._users]
-                await self._pubsub.subscribe(*channels)
+                self._ponged.clear()
+                sub.write(("SUBSCRIBE", *channels), ("PING",))
+                # The pong comes after every subscription is confirmed.
+                await asyncio.wait_for(self._ponged.wait(), self.config.timeout)
+                self._sub = sub
                 if not self.healthy:
                     log.info("broker.connected", node_id=self.node_id, channels=len(channels))
                 self.healthy = True
                 backoff.reset()
-                while True:
-                    msg = await self._pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        try:
-                            self._deliver(msg["channel"], msg["data"])
-                        except Exception:
-                            log.exception("broker.bad_message", channel=msg["channel"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
+                while not sub.lost.done():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(sub.lost), 1.0)
+                    if loop.time() - self._pong > 1.0 + self.config.timeout:
+                        raise RedisUnavailable("redis stopped answering pings")
+                    if not sub.lost.done():
+                        sub.write(("PING",))
+                raise RedisUnavailable("connection to redis lost")
+            except (RedisUnavailable, TimeoutError) as err:
                 self._lost(err)
-                with_pubsub, self._pubsub = self._pubsub, None
-                if with_pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await with_pubsub.aclose()
+                self._sub = None
+                if sub is not None:
+                    sub.close()
                 await asyncio.sleep(backoff.next_delay())
+
+    def _pushed(self, push: list[Any]) -> None:
+        kind = push[0]
+        if kind == b"message":
+            try:
+                self._deliver(push[1], push[2])
+            except Exception:
+                log.exception("broker.bad_message", channel=push[1])
+        elif kind == b"pong":
+            self._pong = asyncio.get_running_loop().time()
+            self._ponged.set()
 
     def _deliver(self, channel: bytes, data: bytes) -> None:
         head, _, body = data.partition(b"\n")
@@ -669,15 +687,12 @@ class RedisBroker(LocalBroker):
     async def _beat(self) -> None:
         assert self.node is not None
         try:
-            added, gone = await self._heartbeat_script(
-                keys=[self._nodes_key, self._metrics_key, self._gone_key],
-                args=[
-                    self.node_id,
-                    self.config.session_ttl,
-                    msgspec.json.encode(self.node.summary()),
-                ],
+            added, gone = await self._eval(
+                HEARTBEAT,
+                [self._nodes_key, self._metrics_key, self._gone_key],
+                [self.node_id, self.config.session_ttl, msgspec.json.encode(self.node.summary())],
             )
-        except Exception as err:
+        except (RedisUnavailable, RedisError) as err:
             log.debug("broker.heartbeat_failed", error=str(err))
             return
         if (added or self._stale) and self._resyncing is None:
@@ -689,14 +704,14 @@ class RedisBroker(LocalBroker):
     async def _resync(self) -> None:
         try:
             await self._write_back()
-        except Exception as err:
+        except (RedisUnavailable, RedisError) as err:
             self._stale = True
             log.warning("broker.write_back_failed", error=str(err))
         finally:
             self._resyncing = None
 
     async def _live(self) -> list[str]:
-        nodes = await self._live_script(keys=[self._nodes_key], args=[self.config.session_ttl])
+        nodes = await self._eval(LIVE, [self._nodes_key], [self.config.session_ttl])
         return [n.decode() for n in nodes]
 
     # -- views -------------------------------------------------------------
@@ -716,8 +731,8 @@ class RedisBroker(LocalBroker):
             mine = self._mine(self.node.sessions.of_user(user_id))
             try:
                 live = set(await self._live()) - {self.node_id}
-                held = await self._redis.hvals(self._user_key(user_id))
-            except Exception as err:
+                held = await self._redis.execute("HVALS", self._user_key(user_id))
+            except (RedisUnavailable, RedisError) as err:
                 log.warning("broker.command_failed", error=str(err))
                 return {"sessions": mine, "next": None, "partial": True}
             others = [msgspec.json.decode(raw) for raw in held]
@@ -745,7 +760,7 @@ class RedisBroker(LocalBroker):
                         break
                 if scan:
                     return {"sessions": out, "next": f"{other}:{scan}", "partial": False}
-        except Exception as err:
+        except (RedisUnavailable, RedisError) as err:
             log.warning("broker.command_failed", error=str(err))
             return {"sessions": out, "next": None, "partial": True}
         return {"sessions": out, "next": None, "partial": False}
@@ -757,11 +772,11 @@ class RedisBroker(LocalBroker):
             live = [n for n in await self._live() if n != self.node_id]
             if live:
                 for node_id, raw in zip(
-                    live, await self._redis.hmget(self._metrics_key, live), strict=True
+                    live, await self._redis.execute("HMGET", self._metrics_key, *live), strict=True
                 ):
                     if raw is not None:
                         nodes[node_id] = msgspec.json.decode(raw)
-        except Exception as err:
+        except (RedisUnavailable, RedisError) as err:
             log.warning("broker.command_failed", error=str(err))
             return {"nodes": nodes, "partial": True}
         return {"nodes": nodes, "partial": False}

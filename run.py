@@ -1,7 +1,8 @@
 """rtserver's entry point.
 
     python run.py [--config FILE] [--host HOST] [--port PORT]
-    python run.py token USER_ID [--role user|publisher|admin] [--ttl SECONDS] [--config FILE]
+    python run.py token USER_ID [--role user|publisher|admin] [--ttl SECONDS]
+                    [--topics 'case:881,thread:*'] [--publish-topics 'thread:*'] [--config FILE]
 
 Parses arguments, loads the config, configures logging, builds the app and
 serves until SIGTERM or SIGINT, then shuts down gracefully and exits 0. A bad
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("user_id")
         p.add_argument("--role", choices=["user", "publisher", "admin"], default="user")
         p.add_argument("--ttl", type=int, default=None, help="seconds (default auth.token_ttl)")
+        p.add_argument(
+            "--topics", default="", help="topics it may subscribe to: 'case:881,thread:*'"
+        )
+        p.add_argument("--publish-topics", default="", help="topics it may publish to")
         p.add_argument("--config", default=None)
         args = p.parse_args(argv[1:])
     else:
@@ -118,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "token":
             from rtserver.auth import Authenticator
 
-            print(Authenticator(config.auth).mint(args.user_id, args.role, args.ttl))
+            topics = [t for t in args.topics.split(",") if t]
+            publish = [t for t in args.publish_topics.split(",") if t]
+            print(
+                Authenticator(config.auth).mint(
+                    args.user_id, args.role, args.ttl, topics=topics, publish_topics=publish
+                )
+            )
             return 0
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         if overrides:

@@ -2,7 +2,8 @@
 
 Only routed where ``server.test_routes`` is true (never in production):
 ``GET /demo`` (a page built on ``/static/rtclient.js``) and
-``POST /api/test/token`` ``{"user_id", "role"?, "ttl"?}`` -> ``{"token"}``, which mints
+``POST /api/test/token`` ``{"user_id", "role"?, "ttl"?, "topics"?, "publish_topics"?}``
+-> ``{"token"}``, which mints
 a token with the configured secret so the page can pick any user.
 """
 
@@ -25,6 +26,9 @@ class TokenRequest(msgspec.Struct, forbid_unknown_fields=True):
     role: Role = "user"
     #: Seconds; default ``auth.token_ttl``. Short ones let a page try refresh.
     ttl: float | None = None
+    #: Topic grants (see docs/protocol.md, Topics).
+    topics: list[str] = []
+    publish_topics: list[str] = []
 
 
 class TokenHandler(APIHandler):
@@ -33,7 +37,14 @@ class TokenHandler(APIHandler):
     def post(self) -> None:
         self.rate_limit_by_address()
         req = self.body(TokenRequest)
-        self.send({"token": self.hub.auth.mint(req.user_id, req.role, req.ttl)})
+        token = self.hub.auth.mint(
+            req.user_id,
+            req.role,
+            req.ttl,
+            topics=req.topics,
+            publish_topics=req.publish_topics,
+        )
+        self.send({"token": token})
 
 
 class DemoPage(StaticHandler):

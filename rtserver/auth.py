@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -209,8 +210,18 @@ class Authenticator:
             raise ProtocolError(UNAUTHORIZED, "token signature is invalid", status=401) from None
         return raw
 
-    def mint(self, user_id: str, role: Role = "user", ttl: float | None = None) -> str:
-        """An HS256 token for ``user_id`` (development, tests, the demo)."""
+    def mint(
+        self,
+        user_id: str,
+        role: Role = "user",
+        ttl: float | None = None,
+        *,
+        topics: Sequence[str] = (),
+        publish_topics: Sequence[str] = (),
+    ) -> str:
+        """An HS256 token for ``user_id`` (development, tests, the demo),
+        granting ``topics`` to subscribe to and ``publish_topics`` to publish
+        to (exact names, or prefixes ending in ``*``)."""
         if not self.config.secret:
             raise ValueError("auth.secret is not configured; cannot mint tokens")
         now = int(time.time())
@@ -220,6 +231,10 @@ class Authenticator:
             "iat": now,
             "exp": now + int(ttl if ttl is not None else self.config.token_ttl),
         }
+        if topics:
+            claims["topics"] = list(topics)
+        if publish_topics:
+            claims["publish_topics"] = list(publish_topics)
         if self.config.issuer:
             claims["iss"] = self.config.issuer
         if self.config.audience:

@@ -99,6 +99,10 @@ class Node(Protocol):
 
     def settled_elsewhere(self, user_id: str, ids: list[str]) -> None: ...
 
+    def topic_from_cluster(
+        self, topic: str, publication_id: str | None, framed: bytes, *, presence: bool
+    ) -> None: ...
+
     def summary(self) -> dict[str, Any]: ...
 
 
@@ -160,6 +164,28 @@ class LocalBroker:
 
     def session_removed(self, conn: Session) -> None:
         return None
+
+    # -- topics -------------------------------------------------------------
+
+    def topic_joined(self, conn: Session, topic: str, *, first: bool) -> None:
+        """``conn`` subscribed to ``topic`` (``first``: this node's first)."""
+        return None
+
+    def topic_left(self, conn: Session, topic: str, *, last: bool) -> None:
+        """``conn`` unsubscribed (``last``: this node has no subscriber left)."""
+        return None
+
+    def publish_topic(
+        self, topic: str, framed: bytes, publication_id: str | None, *, presence: bool = False
+    ) -> None:
+        """A publication (or with ``presence``, a join or leave) for the
+        topic's subscribers on other nodes."""
+        return None
+
+    async def topic_members(self, topic: str) -> tuple[list[tuple[str, str]], bool]:
+        """Other nodes' subscribers of ``topic`` as (user id, session id),
+        and whether that is partial (Redis could not be read)."""
+        return [], False
 
     # -- requests to one session -------------------------------------------
 
@@ -245,17 +271,17 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')
 """
 
-#: KEYS: nodes, gone, the dead node's hash, then one user hash per session.
-#: ARGV: the dead node's id, then the session ids. Unless the node came back
-#: (it then writes its own sessions again), removes them from both hashes.
+#: KEYS: nodes, gone, then a hash per field to remove. ARGV: the dead node's
+#: id, then the fields (session ids) in the same order. Unless the node came
+#: back (it then writes its own sessions again), removes them: each session
+#: from its node's, its user's and its topics' hashes.
 FORGET = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('SREM', KEYS[2], ARGV[1])
   return 0
 end
 for i = 2, #ARGV do
-  redis.call('HDEL', KEYS[i + 2], ARGV[i])
-  redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('HDEL', KEYS[i + 1], ARGV[i])
 end
 return 1
 """
@@ -281,6 +307,8 @@ class RedisBroker(LocalBroker):
         self._pong = 0.0
         self._ponged = asyncio.Event()
         self._users: set[str] = set()
+        #: Topics with a subscriber here: their channels are subscribed.
+        self._topics: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         #: Publishes waiting for the sender, and presence writes.
@@ -371,6 +399,12 @@ class RedisBroker(LocalBroker):
 
     def _user_key(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}"
+
+    def _topic_channel(self, topic: str) -> str:
+        return f"{self.prefix}:t:{topic}"
+
+    def _topic_key(self, topic: str) -> str:
+        return f"{self.prefix}:topic:{topic}"
 
     # -- sending ----------------------------------------------------------
 
@@ -488,6 +522,46 @@ class RedisBroker(LocalBroker):
             self._users.discard(user_id)
             self._subscribe("UNSUBSCRIBE", self._user_channel(user_id))
 
+    def topic_joined(self, conn: Session, topic: str, *, first: bool) -> None:
+        if first:
+            self._topics.add(topic)
+            self._subscribe("SUBSCRIBE", self._topic_channel(topic))
+        self._write_member(conn, topic)
+        self._write_session(conn)  # its topics, for the cleanup after a crash
+
+    def _write_member(self, conn: Session, topic: str) -> None:
+        member = msgspec.json.encode({"user_id": conn.user_id, "node_id": self.node_id})
+        self._write("HSET", self._topic_key(topic), conn.session_id, member)
+
+    def topic_left(self, conn: Session, topic: str, *, last: bool) -> None:
+        if last:
+            self._topics.discard(topic)
+            self._subscribe("UNSUBSCRIBE", self._topic_channel(topic))
+        self._write("HDEL", self._topic_key(topic), conn.session_id)
+        assert self.node is not None
+        if self.node.sessions.get(conn.session_id) is conn:  # not closing
+            self._write_session(conn)
+
+    def publish_topic(
+        self, topic: str, framed: bytes, publication_id: str | None, *, presence: bool = False
+    ) -> None:
+        head = _header(self.node_id, "t", publication_id or "", "", "p" if presence else "")
+        self._publish(self._topic_channel(topic), head + framed)
+
+    async def topic_members(self, topic: str) -> tuple[list[tuple[str, str]], bool]:
+        try:
+            live = set(await self._live()) - {self.node_id}
+            held = await self._redis.execute("HGETALL", self._topic_key(topic))
+        except (RedisUnavailable, RedisError) as err:
+            log.warning("broker.command_failed", error=str(err))
+            return [], True
+        members = []
+        for sid, raw in zip(held[::2], held[1::2], strict=True):
+            member = msgspec.json.decode(raw)
+            if member.get("node_id") in live:
+                members.append((member["user_id"], sid.decode()))
+        return members, False
+
     def _subscribe(self, command: str, channel: str) -> None:
         """(Un)subscribe now; while disconnected, ``_listen`` subscribes to
         every watched channel when it connects again."""
@@ -507,9 +581,11 @@ class RedisBroker(LocalBroker):
             cursor, entries = await self._hscan(self._own_key, cursor, count=CHUNK)
             for sid, raw in entries.items():
                 if registry.get(sid.decode()) is None:
-                    user_id = msgspec.json.decode(raw)["user_id"]
+                    info = msgspec.json.decode(raw)
                     self._write("HDEL", self._own_key, sid)
-                    self._write("HDEL", self._user_key(user_id), sid)
+                    self._write("HDEL", self._user_key(info["user_id"]), sid)
+                    for topic in info.get("topics", ()):
+                        self._write("HDEL", self._topic_key(topic), sid)
             if cursor == 0:
                 break
         conns = registry.registered()
@@ -517,6 +593,8 @@ class RedisBroker(LocalBroker):
             for conn in conns[start : start + CHUNK]:
                 if registry.get(conn.session_id) is conn:
                     self._write_session(conn)
+                    for topic in conn.topics:
+                        self._write_member(conn, topic)
             await self._drained()
         log.info("broker.written_back", node_id=self.node_id, sessions=len(conns))
 
@@ -535,12 +613,19 @@ class RedisBroker(LocalBroker):
             _, entries = await self._hscan(key, 0, count=CHUNK)
             if not entries:
                 break
-            sids = list(entries)
-            users = [self._user_key(msgspec.json.decode(entries[s])["user_id"]) for s in sids]
-            keys = [self._nodes_key, self._gone_key, key, *users]
-            if not await self._eval(FORGET, keys, [node_id, *sids]):
+            hashes, fields = [], []
+            for sid, raw in entries.items():
+                info = msgspec.json.decode(raw)
+                for held_in in (key, self._user_key(info["user_id"])):
+                    hashes.append(held_in)
+                    fields.append(sid)
+                for topic in info.get("topics", ()):
+                    hashes.append(self._topic_key(topic))
+                    fields.append(sid)
+            keys = [self._nodes_key, self._gone_key, *hashes]
+            if not await self._eval(FORGET, keys, [node_id, *fields]):
                 return
-            count += len(sids)
+            count += len(entries)
         await self._redis.execute("SREM", self._gone_key, node_id)
         log.info("broker.node_forgotten", node_id=node_id, sessions=count)
 
@@ -613,6 +698,7 @@ class RedisBroker(LocalBroker):
                 sub = await self._redis.subscriber(self._pushed)
                 channels = [f"{self.prefix}:b", self._own_channel]
                 channels += [self._user_channel(u) for u in self._users]
+                channels += [self._topic_channel(t) for t in self._topics]
                 self._ponged.clear()
                 sub.write(("SUBSCRIBE", *channels), ("PING",))
                 # The pong comes after every subscription is confirmed.
@@ -661,6 +747,9 @@ class RedisBroker(LocalBroker):
             )
         elif kind == b"b":
             node.broadcast_from_cluster(body)
+        elif kind == b"t":
+            topic = channel.decode().split(":t:", 1)[1]
+            node.topic_from_cluster(topic, a.decode() or None, body, presence=c == b"p")
         elif kind == b"q":
             self._answer(origin.decode(), a, b.decode(), c, body)
         elif kind == b"a":

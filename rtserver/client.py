@@ -50,6 +50,9 @@ class Client:
         #: Automatic receipts can be paused (tests of at-least-once delivery).
         self.auto_confirm = True
         self._seen: dict[str, None] = {}
+        #: Subscribed topics and the last publication id seen on each, to
+        #: resume from (``resubscribe``).
+        self.topics: dict[str, str | None] = {}
         self._to_confirm: list[str] = []
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -74,6 +77,8 @@ class Client:
                 fut.set_result(frame)
             elif frame.get("event") == "notification" and self.receipts:
                 self._on_notification(frame)
+            elif frame.get("event") == "publication":
+                self._on_publication(frame)
             else:
                 self._pushes.put_nowait(frame)
         self.close_code = self.ws.close_code
@@ -98,6 +103,16 @@ class Client:
         self._seen[nid] = None
         if len(self._seen) > 10_000:
             del self._seen[next(iter(self._seen))]
+        self._pushes.put_nowait(frame)
+
+    def _on_publication(self, frame: dict[str, Any]) -> None:
+        data = frame.get("data", {})
+        topic, pid = data.get("topic"), data.get("id")
+        if topic in self.topics:
+            last = self.topics[topic]
+            if last is not None and pid is not None and pid <= last:
+                return  # had it already
+            self.topics[topic] = pid
         self._pushes.put_nowait(frame)
 
     def _confirm_soon(self) -> None:
@@ -159,6 +174,40 @@ class Client:
         ack = await self.request("get_notifications", options)
         notes: list[dict[str, Any]] = ack["notifications"]
         return notes
+
+    async def subscribe(
+        self, topic: str, *, last_id: str | None = None, presence: bool = False
+    ) -> dict[str, Any]:
+        """Subscribe; with ``last_id``, what came after it is pushed first (the
+        ack's ``recovered`` says whether that is all of it)."""
+        data: dict[str, Any] = {"topic": topic}
+        if last_id is not None:
+            data["last_id"] = last_id
+        if presence:
+            data["presence"] = True
+        self.topics[topic] = last_id
+        try:
+            return await self.request("subscribe", data)
+        except BaseException:
+            self.topics.pop(topic, None)
+            raise
+
+    async def resubscribe(self, topics: dict[str, str | None]) -> dict[str, dict[str, Any]]:
+        """On a new connection, subscribe again to another client's ``topics``
+        (topic -> last id seen), missing nothing in between."""
+        return {t: await self.subscribe(t, last_id=last) for t, last in topics.items()}
+
+    async def unsubscribe(self, topic: str) -> dict[str, Any]:
+        self.topics.pop(topic, None)
+        return await self.request("unsubscribe", {"topic": topic})
+
+    async def publish(self, topic: str, data: Any) -> str:
+        """Publish to a topic (the token must grant it: ``publish_topics``); its id."""
+        ack = await self.request("publish", {"topic": topic, "data": data})
+        return str(ack["id"])
+
+    async def presence(self, topic: str) -> dict[str, Any]:
+        return await self.request("presence", {"topic": topic})
 
     async def next(self, event: str | None = None, *, timeout: float = 5.0) -> dict[str, Any]:
         """The next push (of ``event``, skipping others); returns the whole frame

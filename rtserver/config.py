@@ -208,6 +208,15 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: Most notifications offline delivery pushes at one register; older
     #: ones stay in the history (get_notifications).
     max_replay: int = 5000
+    #: Topics one connection may subscribe to at once.
+    max_subscriptions_per_connection: int = 100
+
+
+class TopicsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    #: Publications each topic keeps for recovery and ``GET .../publications``.
+    history_size: int = 100
+    #: Seconds a publication is kept.
+    history_ttl: float = 3600.0
 
 
 class BrokerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -232,7 +241,7 @@ class BrokerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 class PluginsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     #: Names of entry points in the ``rtserver.plugins`` group to load.
-    enabled: tuple[str, ...] = ("registration", "notifications", "admin", "demo")
+    enabled: tuple[str, ...] = ("registration", "notifications", "topics", "admin", "demo")
     #: Free-form settings per plugin, handed to the plugin by name.
     settings: dict[str, dict[str, Any]] = {}
 
@@ -244,6 +253,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     logging: LoggingConfig = LoggingConfig()
     limits: LimitsConfig = LimitsConfig()
     plugins: PluginsConfig = PluginsConfig()
+    topics: TopicsConfig = TopicsConfig()
     broker: BrokerConfig | None = None
 
     def replace(self, **sections: Any) -> Config:
@@ -360,6 +370,10 @@ def check_config(config: Config, *, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: broker.node_id: 1-64 letters, digits, '_' or '-'")
     if broker is not None and not 0.3 <= broker.session_ttl <= 3600:
         raise ConfigError(f"{source}: broker.session_ttl: seconds, from 0.3 to 3600")
+    if not 1 <= config.topics.history_size <= 10000:
+        raise ConfigError(f"{source}: topics.history_size: from 1 to 10000")
+    if config.topics.history_ttl <= 0:
+        raise ConfigError(f"{source}: topics.history_ttl: seconds, over 0")
     unknown = set(config.plugins.settings) - set(config.plugins.enabled)
     if unknown:
         raise ConfigError(f"{source}: plugins.settings.{sorted(unknown)[0]}: plugin is not enabled")

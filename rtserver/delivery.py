@@ -8,7 +8,7 @@ these methods; callers never write to a socket themselves.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from rtserver.broker import LocalBroker
@@ -157,6 +157,17 @@ class Delivery:
         if n:
             self._frames(event, n)
             self._kinds("broadcast", n)
+        return n
+
+    def to_connections(self, conns: Iterable[Connection], framed: bytes, event: str) -> int:
+        """One frame to these connections (a topic's subscribers)."""
+        n = 0
+        for conn in conns:
+            if conn.push(framed):
+                n += 1
+        if n:
+            self._frames(event, n)
+            self._kinds("topic", n)
         return n
 
     def to_connection_framed(self, conn: Connection, payload: bytes, event: str) -> bool:

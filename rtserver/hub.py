@@ -55,6 +55,7 @@ from rtserver.protocol import (
 from rtserver.receipts import ReceiptTable
 from rtserver.sessions import Connection, SessionRegistry
 from rtserver.stores.base import MAX_PAGE, Store, StoreError
+from rtserver.topics import PublishResult, Topics
 
 T = TypeVar("T")
 log = get_logger("rtserver")
@@ -150,6 +151,10 @@ class Hub:
             store, self.metrics, ttl=server.idempotency_ttl, lease=server.idempotency_lease
         )
         self.new_id = IdGenerator()
+        #: Topic subscriptions, publishing, presence and history.
+        self.topics = Topics(
+            config, store, self.delivery, self.broker, self.metrics, self.new_id, self.spawn
+        )
         self.threadsafe = ThreadSafeAPI(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shutting_down = False
@@ -180,6 +185,7 @@ class Hub:
             outbound_max=lambda: self._outbound_most,
             store_buffered=lambda: getattr(self.store, "buffered", 0),
             store_dead_letters=lambda: getattr(self.store, "dead_letters", 0),
+            subscriptions=lambda: self.topics.count,
             socket_writes=lambda: self.delivery.outbox.sends,
             held_flushes=lambda: self.delivery.outbox.held,
         )
@@ -770,6 +776,7 @@ class Hub:
         receipts was sent but still queues is undelivered again at once
         (``_requeue``), until its socket is done (``connection_finished``)."""
         self.sessions.remove(conn)
+        self.topics.connection_gone(conn)
         user_id = conn.user_id
         if user_id is None:
             return
@@ -887,6 +894,11 @@ class Hub:
             return False
         return self.delivery.to_connection_framed(conn, framed, "message")
 
+    def topic_from_cluster(
+        self, topic: str, publication_id: str | None, framed: bytes, *, presence: bool
+    ) -> None:
+        self.topics.deliver(topic, publication_id, framed, presence=presence)
+
     def summary(self) -> dict[str, Any]:
         """This node's figures for the cluster's view: counters, no walk over
         the connections."""
@@ -947,6 +959,27 @@ class Hub:
             return True
         async with _cluster_request():
             return await self.broker.disconnect(session_id, reason)
+
+    # -- topics -------------------------------------------------------------
+
+    async def publish(
+        self, topic: str, data: Any, *, publication_id: str | None = None
+    ) -> PublishResult:
+        """Publish ``data`` (any JSON value) to ``topic``: stored in its
+        history, then pushed to its subscribers on every node. Raises
+        ``ProtocolError`` (bad name, too large) or ``StoreError`` (not stored,
+        and so pushed to nobody)."""
+        return await self.topics.publish(topic, data, publication_id=publication_id)
+
+    async def topic_presence(self, topic: str) -> dict[str, Any]:
+        """``{"topic", "users": [{"user_id", "sessions"}], "count"}`` across the cluster."""
+        return await self.topics.presence(topic)
+
+    async def topic_history(
+        self, topic: str, after: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The topic's kept publications after ``after``, oldest first."""
+        return await self.topics.history(topic, after=after, limit=limit)
 
     # -- persistence ------------------------------------------------------
 

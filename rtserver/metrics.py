@@ -65,12 +65,18 @@ class Metrics:
         )
         self.deliveries = Tally(
             "rtserver_deliveries",
-            "Frames delivered to sessions, by kind (user, session, broadcast)",
+            "Frames delivered to sessions, by kind (user, session, broadcast, topic)",
             "kind",
         )
         r.register(self.deliveries)
         self.notifications = Counter(
             "rtserver_notifications", "Notifications accepted and stored", registry=r
+        )
+        self.publications = Counter(
+            "rtserver_publications", "Topic publications accepted and stored", registry=r
+        )
+        self.subscriptions = Gauge(
+            "rtserver_subscriptions", "Topic subscriptions of this node's sessions", registry=r
         )
         self.confirmed = Counter(
             "rtserver_receipts_confirmed",
@@ -174,6 +180,7 @@ class Metrics:
         outbound_max: Callable[[], float],
         store_buffered: Callable[[], float],
         store_dead_letters: Callable[[], float],
+        subscriptions: Callable[[], float],
         socket_writes: Callable[[], float],
         held_flushes: Callable[[], float],
     ) -> None:
@@ -186,6 +193,7 @@ class Metrics:
         self.outbound_max.set_function(outbound_max)
         self.store_buffered.set_function(store_buffered)
         self.store_dead_letters.set_function(store_dead_letters)
+        self.subscriptions.set_function(subscriptions)
         self.socket_writes.read = socket_writes
         self.held_flushes.read = held_flushes
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from rtserver.config import Config, Role
+from rtserver.log import get_logger
 
 if TYPE_CHECKING:
     from rtserver.hub import Hub
@@ -29,6 +30,7 @@ PROJECT = "rtserver"
 ENTRY_POINT_GROUP = "rtserver.plugins"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
+log = get_logger("rtserver.plugins")
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
@@ -132,6 +134,14 @@ class Hookspecs:
         Plugins run in ``plugins.enabled`` order, each given the result of the
         one before. Synchronous: it runs on the send path."""
 
+    @hookspec
+    def rtserver_authorize_topic(
+        self, hub: Hub, connection: Connection, topic: str, action: str
+    ) -> bool | None:
+        """May ``connection`` ``action`` (``"subscribe"`` or ``"publish"``)
+        ``topic``? True allows, False denies, None leaves it to the token's
+        grants (``topics``, ``publish_topics``); any False denies. Synchronous."""
+
 
 @dataclass(frozen=True)
 class Registered:
@@ -192,6 +202,26 @@ class Plugins:
             NotificationHook(hub, impl.function, tuple(impl.argnames))
             for impl in self.pm.hook.rtserver_notification.get_hookimpls()
         ]
+
+    def topic_authorizers(self, hub: Hub) -> list[Callable[[Connection, str, str], bool | None]]:
+        """The ``rtserver_authorize_topic`` implementations, in order; one
+        that raises denies (and is logged)."""
+
+        def bind(impl: Any) -> Callable[[Connection, str, str], bool | None]:
+            names = tuple(impl.argnames)
+
+            def authorize(connection: Connection, topic: str, action: str) -> bool | None:
+                given = {"hub": hub, "connection": connection, "topic": topic, "action": action}
+                try:
+                    verdict = impl.function(**{name: given[name] for name in names})
+                except Exception:
+                    log.exception("hook.failed", hook="rtserver_authorize_topic", topic=topic)
+                    return False
+                return None if verdict is None else bool(verdict)
+
+            return authorize
+
+        return [bind(impl) for impl in self.pm.hook.rtserver_authorize_topic.get_hookimpls()]
 
     def names(self) -> list[str]:
         return [name for name, _ in self.pm.list_name_plugin()]

@@ -443,6 +443,37 @@ class Notification(msgspec.Struct, kw_only=True, gc=False):
         return _wire_encoder.encode(self.extra)[:-1] + b"," + fields[1:]
 
 
+class Publication(msgspec.Struct, kw_only=True, gc=False):
+    """One message published to a topic. ``data`` is the publisher's JSON
+    value, kept encoded (stored and sent as it came, whatever a store's own
+    types could hold); ``publisher`` is the user id of a client that published
+    it (None: the server's API). Kept in the topic's history until
+    ``expires_at``."""
+
+    topic: str
+    id: str
+    data: bytes
+    created_at: float
+    expires_at: float
+    publisher: str | None = None
+
+    def wire_json(self) -> bytes:
+        """The ``publication`` event's frame text, the data spliced in as it is."""
+        head = {"topic": self.topic, "id": self.id, "created_at": iso_utc(self.created_at)}
+        if self.publisher is not None:
+            head["publisher"] = self.publisher
+        return (
+            b'{"event":"publication","data":'
+            + encode_json(head)[:-1]
+            + b',"data":'
+            + self.data
+            + b"}}"
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return decode_json(self.wire_json())["data"]  # type: ignore[no-any-return]
+
+
 class _WireFields(msgspec.Struct, omit_defaults=True, gc=False):
     """The fields the server owns, in ``to_wire``'s order (``broadcast``
     only when true)."""

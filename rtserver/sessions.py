@@ -200,6 +200,7 @@ class Connection:
         "role",
         "session_id",
         "state",
+        "topics",
         "user_id",
     )
 
@@ -258,6 +259,8 @@ class Connection:
         self.ping_sent_at: float | None = None
         #: Free space for plugins, keyed by plugin name.
         self.state: dict[str, Any] = {}
+        #: Its topic subscriptions (``rtserver.topics.Subscription``) by topic.
+        self.topics: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<Connection {self.session_id} user={self.user_id!r}>"
@@ -540,6 +543,7 @@ class Connection:
             "remote_ip": self.remote_ip,
             "connected_at": self.connected_at,
             "registered_at": self.registered_at,
+            "topics": list(self.topics),
             "outbound_bytes": self.outbound_buffer(),
         }
 

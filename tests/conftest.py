@@ -56,8 +56,8 @@ class Running:
         self.ws_url = f"ws://127.0.0.1:{port}/ws"
         self.clients: list[Client] = []
 
-    def token(self, user_id: str, role: str = "user", ttl: float = 3600) -> str:
-        return self.hub.auth.mint(user_id, role, ttl)  # type: ignore[arg-type]
+    def token(self, user_id: str, role: str = "user", ttl: float = 3600, **grants: Any) -> str:
+        return self.hub.auth.mint(user_id, role, ttl, **grants)  # type: ignore[arg-type]
 
     async def connect(self, headers: dict[str, str] | None = None) -> Client:
         client = await Client.connect(self.ws_url, headers=headers)

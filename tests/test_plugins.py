@@ -41,7 +41,7 @@ class TestLoading:
     def test_shipped_plugins_load_from_entry_points(self, tmp_path: Path) -> None:
         """The three shipped plugins come from the rtserver.plugins entry points."""
         app = make_app(make_config(tmp_path))
-        assert app.plugins.names() == ["registration", "notifications", "admin", "demo"]
+        assert app.plugins.names() == ["registration", "notifications", "topics", "admin", "demo"]
         assert {"register", "mark_read", "get_notifications"} <= set(app.plugins.events)
         assert app.plugins.events["register"].plugin == "registration"
 

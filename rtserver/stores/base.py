@@ -12,7 +12,7 @@ import abc
 import asyncio
 from collections.abc import Sequence
 
-from rtserver.protocol import Notification
+from rtserver.protocol import Notification, Publication
 from rtserver.stores.keys import Claim, KeyRecord
 
 #: Most rows any single query returns; every read is bounded by it.
@@ -148,3 +148,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def release_keys(self, keys: Sequence[str]) -> None:
         """These unfinished claims may be taken at once (their runs failed)."""
+
+    # -- topic history (``rtserver.topics``) --------------------------------
+
+    @abc.abstractmethod
+    async def insert_publication(self, publication: Publication, keep: int) -> None:
+        """Store a publication in its topic's history (an id stored already
+        counts as stored), then keep only the topic's newest ``keep``: the
+        older ones are removed and the newest removed id remembered
+        (``trimmed``). Raises ``StoreError`` when it was not stored."""
+
+    @abc.abstractmethod
+    async def publications(
+        self, topic: str, *, after: str | None, limit: int, now: float
+    ) -> list[Publication]:
+        """The topic's publications not expired at ``now``, oldest first,
+        with ids greater than ``after`` when given."""
+
+    @abc.abstractmethod
+    async def trimmed(self, topic: str) -> str | None:
+        """The newest id ever removed from the topic's history to keep it to
+        size (None: none was); expired ones are told by their time."""

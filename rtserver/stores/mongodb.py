@@ -58,7 +58,7 @@ from pymongo.errors import (
 from rtserver.backoff import Backoff
 from rtserver.config import StoreConfig
 from rtserver.log import get_logger
-from rtserver.protocol import Notification
+from rtserver.protocol import Notification, Publication
 from rtserver.stores.base import MAX_PAGE, Store, StoreError
 from rtserver.stores.keys import Claim, KeyRecord
 from rtserver.stores.spool import Spool
@@ -202,6 +202,8 @@ class MongoStore(Store):
             config.collection, codec_options=codec
         )
         self._keys = self._client[config.database][f"{config.collection}_keys"]
+        self._publications = self._client[config.database][f"{config.collection}_publications"]
+        self._trims = self._client[config.database][f"{config.collection}_topic_trims"]
         self.spool = Spool(Path(config.data_dir) / "mongodb-spool.db", config.spool_max_bytes)
         self._delivered: dict[str, datetime] = {}
         #: Undelivered marks (id -> user) taken while MongoDB was unreachable.
@@ -272,6 +274,11 @@ class MongoStore(Store):
                 log.info("store.index_dropped", index=ix["name"], replaced=True)
         # Idempotency keys expire at their own time (a date per key).
         await self._keys.create_index([("expires_at", 1)], name="expires_ttl", expireAfterSeconds=0)
+        # Topic history: read per topic in id order; gone at its own time.
+        await self._publications.create_index([("topic", 1), ("_id", 1)], name="topic_id")
+        await self._publications.create_index(
+            [("expires_at", 1)], name="expires_ttl", expireAfterSeconds=0
+        )
         self._indexes_ready = True
 
     async def close(self) -> None:
@@ -692,3 +699,63 @@ class MongoStore(Store):
             return await self._coll.count_documents({"user_id": user_id, "read": False})
         except PyMongoError as err:
             raise self._wrap(err) from None
+
+    # -- topic history ----------------------------------------------------
+
+    async def insert_publication(self, publication: Publication, keep: int) -> None:
+        p = publication
+        doc = {
+            "_id": p.id,
+            "topic": p.topic,
+            "created_at": p.created_at,
+            "expires_at": _date(p.expires_at),
+            "publisher": p.publisher,
+            "data": bson.Binary(p.data),
+        }
+        try:
+            with contextlib.suppress(DuplicateKeyError):  # stored by an earlier try
+                await self._publications.insert_one(doc)
+            cursor = (
+                self._publications.find({"topic": p.topic}, {"_id": 1})
+                .sort("_id", -1)
+                .skip(keep)
+                .limit(1)
+            )
+            beyond = [d["_id"] async for d in cursor]
+            if beyond:
+                await self._publications.delete_many({"topic": p.topic, "_id": {"$lte": beyond[0]}})
+                await self._trims.update_one(
+                    {"_id": p.topic}, {"$max": {"trimmed": beyond[0]}}, upsert=True
+                )
+        except PyMongoError as err:
+            raise self._wrap(err) from None
+
+    async def publications(
+        self, topic: str, *, after: str | None, limit: int, now: float
+    ) -> list[Publication]:
+        limit = max(0, min(limit, MAX_PAGE))
+        if limit == 0:
+            return []
+        query = {"topic": topic, "_id": {"$gt": after or ""}, "expires_at": {"$gt": _date(now)}}
+        try:
+            cursor = self._publications.find(query).sort("_id", 1).limit(limit)
+            return [
+                Publication(
+                    topic=d["topic"],
+                    id=d["_id"],
+                    created_at=float(d["created_at"]),
+                    expires_at=d["expires_at"].timestamp(),
+                    publisher=d.get("publisher"),
+                    data=bytes(d["data"]),
+                )
+                async for d in cursor
+            ]
+        except PyMongoError as err:
+            raise self._wrap(err) from None
+
+    async def trimmed(self, topic: str) -> str | None:
+        try:
+            doc = await self._trims.find_one({"_id": topic})
+        except PyMongoError as err:
+            raise self._wrap(err) from None
+        return None if doc is None else str(doc["trimmed"])

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from rtserver.log import get_logger
-from rtserver.protocol import Notification
+from rtserver.protocol import Notification, Publication
 from rtserver.stores.base import MAX_PAGE, Store, StoreError
 from rtserver.stores.keys import (
     KEYS_SCHEMA,
@@ -58,6 +58,19 @@ CREATE INDEX IF NOT EXISTS notifications_undelivered
 -- begins with its creation millisecond, so no index on created_at is needed)
 CREATE INDEX IF NOT EXISTS notifications_read_at
     ON notifications (read_at) WHERE read_at IS NOT NULL;
+-- topic history: each topic's newest publications, until they expire
+CREATE TABLE IF NOT EXISTS publications (
+    topic      TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    publisher  TEXT,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (topic, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS publications_expires ON publications (expires_at);
+-- per topic, the newest id removed to keep its history to size
+CREATE TABLE IF NOT EXISTS topic_trims (topic TEXT PRIMARY KEY, trimmed TEXT NOT NULL) WITHOUT ROWID;
 -- one row, written by ``ping`` after a failed write to see if writes work again
 CREATE TABLE IF NOT EXISTS write_probe (k INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
@@ -88,6 +101,10 @@ _MAX_BATCH = 20_000  # rows per transaction at most
 _CHECKPOINT_ROWS = 10_000
 #: Rows deleted per statement by ``purge``.
 _PURGE_CHUNK = 5_000
+_EXPIRED_PUBLICATIONS = (
+    "DELETE FROM publications WHERE (topic, id) IN"
+    f" (SELECT topic, id FROM publications WHERE expires_at <= ? LIMIT {_PURGE_CHUNK})"
+)
 
 log = get_logger("rtserver.store")
 
@@ -505,7 +522,63 @@ class SQLiteStore(Store):
                 if count < _PURGE_CHUNK:
                     break
         await self._run(lambda db: purge_keys(db, now))
+        while await self._run(partial(_delete, _EXPIRED_PUBLICATIONS, (now,))) == _PURGE_CHUNK:
+            pass
         return removed
+
+    # -- topic history ----------------------------------------------------
+
+    async def insert_publication(self, publication: Publication, keep: int) -> None:
+        p = publication
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT OR IGNORE INTO publications"
+                    " (topic, id, created_at, expires_at, publisher, data) VALUES (?, ?, ?, ?, ?, ?)",
+                    (p.topic, p.id, p.created_at, p.expires_at, p.publisher, p.data),
+                )
+                row = db.execute(
+                    "SELECT id FROM publications WHERE topic = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
+                    (p.topic, keep),
+                ).fetchone()
+                if row is not None:
+                    db.execute(
+                        "DELETE FROM publications WHERE topic = ? AND id <= ?", (p.topic, row[0])
+                    )
+                    db.execute(
+                        "INSERT INTO topic_trims (topic, trimmed) VALUES (?, ?) ON CONFLICT (topic)"
+                        " DO UPDATE SET trimmed = max(trimmed, excluded.trimmed)",
+                        (p.topic, row[0]),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._run(work)
+
+    async def publications(
+        self, topic: str, *, after: str | None, limit: int, now: float
+    ) -> list[Publication]:
+        sql = (
+            "SELECT topic, id, created_at, expires_at, publisher, data FROM publications"
+            " WHERE topic = ? AND id > ? AND expires_at > ? ORDER BY id LIMIT ?"
+        )
+        args = (topic, after or "", now, max(0, min(limit, MAX_PAGE)))
+        rows = await self._run(lambda db: db.execute(sql, args).fetchall())
+        return [
+            Publication(
+                topic=r[0], id=r[1], created_at=r[2], expires_at=r[3], publisher=r[4], data=r[5]
+            )
+            for r in rows
+        ]
+
+    async def trimmed(self, topic: str) -> str | None:
+        sql = "SELECT trimmed FROM topic_trims WHERE topic = ?"
+        row = await self._run(lambda db: db.execute(sql, (topic,)).fetchone())
+        return None if row is None else str(row[0])
 
     # -- idempotency keys -------------------------------------------------
 

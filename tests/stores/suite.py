@@ -11,7 +11,7 @@ import time
 
 import msgspec
 
-from rtserver.protocol import IdGenerator, Notification
+from rtserver.protocol import IdGenerator, Notification, Publication
 from rtserver.stores.base import Store
 
 _ids = IdGenerator()
@@ -34,6 +34,12 @@ def note(
         created_at=created_at,
         extra=dict(extra),
     )
+
+
+def publication(topic: str, data: bytes = b"{}", *, ttl: float = 3600) -> Publication:
+    pid = _ids()
+    created = IdGenerator.created_at(pid)
+    return Publication(topic=topic, id=pid, data=data, created_at=created, expires_at=created + ttl)
 
 
 class StoreSuite:
@@ -206,3 +212,43 @@ class StoreSuite:
     async def test_ping(self, store: Store) -> None:
         """ping() is true while the backend answers."""
         assert await store.ping() is True
+
+    async def test_topic_history_keeps_the_newest_in_order(self, store: Store) -> None:
+        """Publications come back oldest first after an id, per topic; a topic
+        keeps its newest ``keep`` and remembers the newest id it dropped; an
+        id stored twice is stored once; data comes back byte for byte."""
+        pubs = [publication("case:1", b'{"n":%d}' % i) for i in range(6)]
+        other = publication("case:2", b'[1e400, "\\u0000", {"$x": 9223372036854775808}]')
+        for p in pubs[:3]:
+            await store.insert_publication(p, keep=4)
+        await store.insert_publication(pubs[1], keep=4)  # a retry
+        assert await store.trimmed("case:1") is None
+        for p in pubs[3:]:
+            await store.insert_publication(p, keep=4)
+        await store.insert_publication(other, keep=4)
+        now = time.time()
+        got = await store.publications("case:1", after=None, limit=100, now=now)
+        assert [p.id for p in got] == [p.id for p in pubs[2:]]
+        assert got[0] == pubs[2]
+        assert await store.trimmed("case:1") == pubs[1].id
+        after = await store.publications("case:1", after=pubs[3].id, limit=1, now=now)
+        assert [p.id for p in after] == [pubs[4].id]
+        (back,) = await store.publications("case:2", after=None, limit=10, now=now)
+        assert back.data == other.data
+        assert await store.publications("nothing", after=None, limit=10, now=now) == []
+
+    async def test_topic_history_expires(self, store: Store) -> None:
+        """A publication past its time is not read back (and purge removes
+        it where the backend does not expire it by itself)."""
+        gone, kept = publication("t", ttl=-1), publication("t")
+        await store.insert_publication(gone, keep=100)
+        await store.insert_publication(kept, keep=100)
+        now = time.time()
+        assert [p.id for p in await store.publications("t", after=None, limit=10, now=now)] == [
+            kept.id
+        ]
+        await store.purge(now, retention=10**6, read_retention=None)
+        assert [p.id for p in await store.publications("t", after=None, limit=10, now=0)] in (
+            [kept.id],
+            [gone.id, kept.id],  # a TTL index removes it in its own time
+        )

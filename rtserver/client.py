@@ -187,10 +187,13 @@ class Client:
             data["presence"] = True
         self.topics[topic] = last_id
         try:
-            return await self.request("subscribe", data)
+            ack = await self.request("subscribe", data)
         except BaseException:
             self.topics.pop(topic, None)
             raise
+        if self.topics.get(topic) is None:
+            self.topics[topic] = ack["position"]  # nothing seen yet: resume from here
+        return ack
 
     async def resubscribe(self, topics: dict[str, str | None]) -> dict[str, dict[str, Any]]:
         """On a new connection, subscribe again to another client's ``topics``

@@ -185,7 +185,9 @@ class Topics:
                 conn.after_reply(recover)
             else:
                 recover()
-        ack: dict[str, Any] = {"topic": topic}
+        # An id from the moment of attaching: as last_id later (say after a
+        # reconnect), it brings back everything published since.
+        ack: dict[str, Any] = {"topic": topic, "position": self.new_id()}
         if recovered is not None:
             ack["recovered"] = recovered
         return ack

@@ -93,11 +93,12 @@ class Cluster:
             node.start()
         self.clients: list[Client] = []
 
-    async def token(self, user: str, role: str = "user") -> str:
+    async def token(self, user: str, role: str = "user", **grants: list[str]) -> str:
+        """A token from node 0's test route (``grants``: topics, publish_topics)."""
         resp = await AsyncHTTPClient().fetch(
             self.nodes[0].base + "/api/test/token",
             method="POST",
-            body=json.dumps({"user_id": user, "role": role}),
+            body=json.dumps({"user_id": user, "role": role, **grants}),
         )
         return json.loads(resp.body)["token"]  # type: ignore[no-any-return]
 

@@ -363,3 +363,45 @@ def test_the_cluster_view_follows_registers_closes_and_crashes(tmp_path: Path) -
 
 async def _make_cluster(tmp_path: Path, nodes: int) -> Cluster:
     return Cluster(tmp_path, nodes)
+
+
+async def test_topics_across_nodes(cluster2: Cluster) -> None:  # noqa: F811
+    """A publication through node 0 reaches subscribers on both nodes once;
+    presence and join/leave are cluster-wide; a node without subscribers
+    leaves the topic's channel."""
+
+    async def subscriber(node: int, user: str, presence: bool = False) -> Client:
+        client = await Client.connect(cluster2.nodes[node].ws)
+        token = await cluster2.token(user, topics=["case:*"])
+        await client.register(token, receipts=False)
+        cluster2.clients.append(client)
+        await client.subscribe("case:9", presence=presence)
+        return client
+
+    watcher = await subscriber(0, "lawyer", presence=True)
+    far = await subscriber(1, "client")
+    assert await watcher.next("join") == {
+        "topic": "case:9",
+        "user_id": "client",
+        "session_id": far.session_id,
+    }
+    status, body = await cluster2.http(0, "POST", "/api/topics/case:9/publications", {"s": 1})
+    assert status == 201
+    for client in (watcher, far):
+        assert (await client.next("publication"))["id"] == body["id"]
+    _, presence = await cluster2.http(1, "GET", "/api/topics/case:9/presence")
+    assert presence["count"] == 2 and {u["user_id"] for u in presence["users"]} == {
+        "lawyer",
+        "client",
+    }
+    r = redis.Redis(port=cluster2.redis.port)
+    assert r.pubsub_numsub("rt:t:case:9") == [(b"rt:t:case:9", 2)]
+    await far.close()
+    assert (await watcher.next("leave"))["user_id"] == "client"
+    await asyncio.sleep(0.2)
+    assert r.pubsub_numsub("rt:t:case:9") == [(b"rt:t:case:9", 1)]
+    _, presence = await cluster2.http(0, "GET", "/api/topics/case:9/presence")
+    assert [u["user_id"] for u in presence["users"]] == ["lawyer"]
+    r.close()
+    await asyncio.sleep(0.1)
+    assert watcher.pending() == []

@@ -1,8 +1,13 @@
 // rtclient.js: a dependency-free browser client for rtserver (ES module).
 //
-//   import { initializeSocket, addSocketEventHandler, markRead } from '/static/rtclient.js';
-//   await initializeSocket({ url: 'wss://rt.example.com/ws', getToken: fetchToken });
+//   import { initializeSocket, addSocketEventHandler, subscribe } from '/static/rtclient.js';
 //   addSocketEventHandler('notification', (n) => showNotification(n));
+//   const room = subscribe('case:881', (p) => showStatus(p.data), { presence: true });
+//   await initializeSocket({ url: 'wss://rt.example.com/ws', getToken: fetchToken });
+//
+// Handlers and subscriptions may be added before initializeSocket: they are
+// kept and attached when it runs. Topic subscriptions come back by themselves
+// after a reconnect, resuming from the last publication seen.
 //
 // Requests are promises matched to acks by id, with timeouts. The connection
 // comes back by itself (exponential backoff with full jitter, or the server's
@@ -47,6 +52,7 @@ export class RTClient {
     this.reconnectTimer = null;
     this.closedByUser = false;
     this._ready = null;
+    this.subscriptions = new Map(); // topic -> Subscription
   }
 
   // -- events ---------------------------------------------------------------
@@ -115,6 +121,7 @@ export class RTClient {
           this.userId = ack.user_id;
           this.sessionId = ack.session_id;
           if (typeof ack.unread_count === 'number') this._setUnread(ack.unread_count);
+          for (const sub of this.subscriptions.values()) sub._send();
           this.emit('connect', ack);
           resolve(ack);
         } catch (err) {
@@ -196,6 +203,17 @@ export class RTClient {
         if (typeof data.unread_count === 'number') this._setUnread(data.unread_count);
         this.emit('read', data);
         break;
+      case 'publication': {
+        const sub = this.subscriptions.get(data.topic);
+        if (sub) sub._publication(data);
+        break;
+      }
+      case 'join':
+      case 'leave': {
+        const sub = this.subscriptions.get(data.topic);
+        if (sub) sub._emit(frame.event, data);
+        break;
+      }
       case 'token_expiring':
         this.emit('token_expiring', data);
         this._refresh();
@@ -286,31 +304,171 @@ export class RTClient {
     const ack = await this.request('get_notifications', options || {});
     return ack.notifications;
   }
+
+  /**
+   * Subscribe to a topic: handler(publication) gets each {topic, id, data,
+   * created_at, publisher?}. Options: {presence: true} for join/leave
+   * (sub.onJoin, sub.onLeave), lastId to resume from. Returns a Subscription
+   * at once; sub.ready resolves with the ack once the server has it.
+   */
+  subscribe(topic, handler, options = {}) {
+    return this._adopt(new Subscription(null, topic, handler, options));
+  }
+
+  _adopt(sub) {
+    if (this.subscriptions.has(sub.topic)) throw new Error(`rtclient: already subscribed to ${sub.topic}`);
+    sub.client = this;
+    this.subscriptions.set(sub.topic, sub);
+    if (this.state === 'open') sub._send();
+    return sub;
+  }
+}
+
+/** One topic subscription of an RTClient; resubscribes after reconnects. */
+export class Subscription {
+  constructor(client, topic, handler, options) {
+    this.client = client;
+    this.topic = topic;
+    this.presenceEvents = Boolean(options.presence);
+    this.lastId = options.lastId || null;
+    this.recovered = null;
+    this.handlers = { publication: new Set(handler ? [handler] : []), join: new Set(), leave: new Set() };
+    this.active = true;
+    this.ready = new Promise((resolve, reject) => {
+      this._resolveReady = resolve;
+      this._rejectReady = reject;
+    });
+    this.ready.catch(() => {}); // a refusal also goes to 'error' handlers
+  }
+
+  _send() {
+    if (!this.active) return;
+    const data = { topic: this.topic };
+    if (this.lastId) data.last_id = this.lastId;
+    if (this.presenceEvents) data.presence = true;
+    this.client.request('subscribe', data).then(
+      (ack) => {
+        if (!this.lastId) this.lastId = ack.position; // nothing seen yet: resume from here
+        this.recovered = ack.recovered === undefined ? null : ack.recovered;
+        this._resolveReady(ack);
+        this.client.emit('subscribed', ack);
+      },
+      (err) => {
+        if (err.code === 'disconnected') return; // sent again after the reconnect
+        this.active = false;
+        this.client.subscriptions.delete(this.topic);
+        this._rejectReady(err);
+        this.client.emit('error', err);
+      },
+    );
+  }
+
+  _publication(pub) {
+    if (this.lastId && pub.id <= this.lastId) return; // had it already
+    this.lastId = pub.id;
+    this._emit('publication', pub);
+  }
+
+  _emit(kind, payload) {
+    for (const callback of [...this.handlers[kind]]) {
+      try {
+        callback(payload);
+      } catch (err) {
+        console.error(`rtclient: a '${kind}' handler of ${this.topic} failed`, err);
+      }
+    }
+  }
+
+  onPublication(callback) {
+    this.handlers.publication.add(callback);
+    return () => this.handlers.publication.delete(callback);
+  }
+
+  onJoin(callback) {
+    this.handlers.join.add(callback);
+    return () => this.handlers.join.delete(callback);
+  }
+
+  onLeave(callback) {
+    this.handlers.leave.add(callback);
+    return () => this.handlers.leave.delete(callback);
+  }
+
+  _bound() {
+    if (!this.client) throw new Error('rtclient: call initializeSocket first');
+    return this.client;
+  }
+
+  /** Who is here: {topic, users: [{user_id, sessions}], count}. */
+  presence() {
+    return this._bound().request('presence', { topic: this.topic });
+  }
+
+  /** Publish to the topic (the token must grant it); resolves with the id. */
+  async publish(data) {
+    const ack = await this._bound().request('publish', { topic: this.topic, data });
+    return ack.id;
+  }
+
+  async unsubscribe() {
+    if (!this.active) return;
+    this.active = false;
+    early.subscriptions = early.subscriptions.filter((s) => s !== this);
+    if (!this.client) return;
+    this.client.subscriptions.delete(this.topic);
+    if (this.client.state === 'open') await this.client.request('unsubscribe', { topic: this.topic });
+  }
 }
 
 // -- the functional API (the names of the module rtserver replaces) ----------------------------------------------
 
 let current = null;
+// Handlers and subscriptions made before initializeSocket, attached when it runs.
+const early = { handlers: [], subscriptions: [] };
 
 /** Connect (options: {url, token | getToken, ...}) and register; resolves with the client. */
 export async function initializeSocket(options) {
-  if (current) current.close();
+  const previous = current;
   current = new RTClient(options);
+  if (previous) {
+    previous.close();
+    for (const [event, set] of previous.handlers) for (const callback of set) current.on(event, callback);
+    for (const sub of previous.subscriptions.values()) current._adopt(sub);
+  }
+  for (const [event, callback] of early.handlers) current.on(event, callback);
+  early.handlers = [];
+  for (const sub of early.subscriptions) current._adopt(sub);
+  early.subscriptions = [];
   await current.connect();
   return current;
+}
+
+export function addSocketEventHandler(event, callback) {
+  if (current) return current.on(event, callback);
+  const entry = [event, callback];
+  early.handlers.push(entry);
+  return () => {
+    early.handlers = early.handlers.filter((e) => e !== entry);
+    if (current) current.off(event, callback);
+  };
+}
+
+export function removeSocketEventHandler(event, callback) {
+  early.handlers = early.handlers.filter(([e, c]) => e !== event || c !== callback);
+  if (current) current.off(event, callback);
+}
+
+/** Subscribe to a topic (see RTClient.subscribe); also before initializeSocket. */
+export function subscribe(topic, handler, options) {
+  if (current) return current.subscribe(topic, handler, options);
+  const sub = new Subscription(null, topic, handler, options || {});
+  early.subscriptions.push(sub);
+  return sub;
 }
 
 function client() {
   if (!current) throw new Error('rtclient: call initializeSocket first');
   return current;
-}
-
-export function addSocketEventHandler(event, callback) {
-  return client().on(event, callback);
-}
-
-export function removeSocketEventHandler(event, callback) {
-  client().off(event, callback);
 }
 
 export function markRead(ids) {

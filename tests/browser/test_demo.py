@@ -174,6 +174,7 @@ def test_rtclient_is_served_as_a_module(live: LiveServer, browser: Any) -> None:
         "removeSocketEventHandler",
         "markRead",
         "getNotifications",
+        "subscribe",
     } <= set(exported)
 
 
@@ -227,3 +228,44 @@ def test_token_refresh_keeps_the_page_connected(tmp_path: Path, browser: Any) ->
         assert json.loads(urllib.request.urlopen(req, timeout=10).read())["delivered"] == 1
     finally:
         server.stop()
+
+
+def test_topics_resubscribe_after_a_server_restart(live: LiveServer, browser: Any) -> None:
+    """rtclient.js: a handler and a subscription made before initializeSocket
+    work; after a server restart the page resubscribes by itself from the
+    last publication it saw, and what was published while it was away arrives
+    once."""
+    page = browser.new_context().new_page()
+    page.goto(f"{live.base}/demo")
+    page.evaluate(
+        """async () => {
+            const rt = await import('/static/rtclient.js');
+            window.got = [];
+            window.connects = 0;
+            rt.addSocketEventHandler('connect', () => { window.connects += 1; });
+            window.room = rt.subscribe('case:5', (p) => window.got.push(p.data.n));
+            await rt.initializeSocket({
+                url: `ws://${location.host}/ws`, backoffBase: 200,
+                getToken: async () => (await (await fetch('/api/test/token', {method: 'POST',
+                    body: JSON.stringify({user_id: 'erin', topics: ['case:*']})})).json()).token,
+            });
+            await window.room.ready;
+        }"""
+    )
+    publisher = live.post("/api/test/token", {"user_id": "svc", "role": "publisher"})["token"]
+
+    def publish(n: int) -> None:
+        live.post("/api/topics/case:5/publications", {"n": n}, publisher)
+
+    publish(1)
+    page.wait_for_function("window.got.length === 1", timeout=10000)
+    live.stop()
+    live.start()
+    publish(2)  # likely before the page is back: recovered when it resubscribes
+    page.wait_for_function("window.connects === 2 && window.got.length === 2", timeout=20000)
+    publish(3)
+    page.wait_for_function("window.got.length === 3", timeout=10000)
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.got") == [1, 2, 3]
+    presence = page.evaluate("window.room.presence()")
+    assert presence["users"] == [{"user_id": "erin", "sessions": presence["users"][0]["sessions"]}]

@@ -71,7 +71,7 @@ def token_file(workdir: Path, n: int) -> Path:
         exp = int(time.time()) + 86400
         path.write_text(
             "\n".join(
-                jwt.encode({"sub": f"u{i}", "exp": exp}, SECRET, algorithm="HS256")
+                jwt.encode({"sub": f"u{i}", "exp": exp, "topics": ["bench"]}, SECRET, "HS256")
                 for i in range(n)
             )
             + "\n"
@@ -213,6 +213,17 @@ def redis_server() -> Iterator[str]:
     finally:
         redis.kill()
         redis.wait()
+
+
+def topic_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str, Any]:
+    """One topic with n subscribers: publications (each stored in the topic's
+    history first) until about ``total`` deliveries."""
+    count = max(1, total // n)
+    with server("rtserver", workdir) as (port, _):
+        client = ws_clients(loadgen, port, n, token_file(workdir, n), count * n, "120")
+        assert post(port, "/bench/subscribe_all", {"topic": "bench"})["subscribed"] == n
+        post(port, "/bench/topic", {"topic": "bench", "count": count, "size": 150})
+        return finish(client)
 
 
 def cluster_fanout(loadgen: Path, workdir: Path, n: int, total: int) -> dict[str, Any]:
@@ -548,7 +559,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        default="fanout,cluster,routing,connections,churn,peruser,http,latency",
+        default="fanout,topic,cluster,routing,connections,churn,peruser,http,latency",
         help="comma-separated scenarios",
     )
     args = parser.parse_args()
@@ -579,6 +590,22 @@ def main() -> None:
                 f"{ours['rate']:,.0f}",
                 f"stock {stock['rate']:,.0f} ({ours['rate'] / stock['rate']:.1f}x); raw send() {raw['rate']:,.0f} ({ours['rate'] / raw['rate']:.0%})",
                 f"{ours['client_cpu_share']:.0%} / {stock['client_cpu_share']:.0%} / {raw['client_cpu_share']:.0%}",
+            )
+        )
+        print(rows[-1], flush=True)
+
+    if "topic" in only:
+        n = 10000
+        total = int(2_000_000 * scale)
+        broadcast = fanout("rtserver", loadgen, workdir, n, total)
+        topic = topic_fanout(loadgen, workdir, n, total)
+        rows.append(
+            (
+                f"topic fan-out, {n:,} subscribers of one topic (deliveries/s)",
+                f"{topic['rate']:,.0f}",
+                f"a broadcast to the same clients {broadcast['rate']:,.0f}"
+                f" ({topic['rate'] / broadcast['rate']:.0%})",
+                f"{topic['client_cpu_share']:.0%}",
             )
         )
         print(rows[-1], flush=True)

@@ -4,7 +4,7 @@
  *   loadgen client HOST PORT N TOKENFILE EXPECT TIMEOUT_S
  *       Open N WebSocket connections to ws://HOST:PORT/ws, register each with
  *       the token on line i of TOKENFILE ({"event":"register",...}), then count
- *       text frames until EXPECT notification frames have arrived or TIMEOUT_S
+ *       text frames until EXPECT notification (or publication) frames have arrived or TIMEOUT_S
  *       passes. Frames containing "t":<ns> (CLOCK_MONOTONIC of the sender) give
  *       latency samples. Prints one JSON line of results on stdout, then keeps
  *       the connections open until its stdin closes. Writes "ready" on stderr
@@ -154,7 +154,8 @@ static long consume(conn_t *c, long *acks) {
         if (c->len - off < h + n) break;
         if ((p[0] & 0x0f) == 0x1) {
             char *payload = (char *)p + h;
-            if (n > 20 && memmem(payload, n < 40 ? n : 40, "\"notification\"", 14)) {
+            if (n > 20 && (memmem(payload, n < 40 ? n : 40, "\"notification\"", 14)
+                           || memmem(payload, n < 40 ? n : 40, "\"publication\"", 13))) {
                 notes++;
                 char *t = memmem(payload, n, "\"t\":", 4);
                 if (t && nlat < MAX_LAT) lat[nlat++] = now_ns() - strtoll(t + 4, NULL, 10);

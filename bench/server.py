@@ -43,6 +43,31 @@ class BroadcastLoad(APIHandler):
         self.send({"seconds": time.perf_counter() - t0})
 
 
+class SubscribeAll(APIHandler):
+    """POST {"topic"}: every registered session subscribes to the topic (as
+    each would with a ``subscribe`` frame; the tokens grant it)."""
+
+    async def post(self) -> None:
+        topic = self.body()["topic"]
+        conns = self.hub.sessions.registered()
+        for conn in conns:
+            await self.hub.topics.subscribe(conn, topic)
+        self.send({"subscribed": len(conns)})
+
+
+class TopicLoad(APIHandler):
+    """POST {"topic", "count", "size"}: that many publications, one after
+    another, each stored and then pushed to the topic's subscribers."""
+
+    async def post(self) -> None:
+        req = self.body()
+        data = {"message": pad(req.get("size", 150))}
+        t0 = time.perf_counter()
+        for _ in range(req["count"]):
+            await self.hub.publish(req["topic"], data)
+        self.send({"seconds": time.perf_counter() - t0})
+
+
 class SendLoad(APIHandler):
     """POST {"count", "users", "batch"}: notifications to random users through
     the Python API, as a busy application would call it, with up to
@@ -136,6 +161,8 @@ class BenchPlugin:
             Route(r"/bench/broadcast", BroadcastLoad),
             Route(r"/bench/send", SendLoad),
             Route(r"/bench/stall", StallLoad),
+            Route(r"/bench/subscribe_all", SubscribeAll),
+            Route(r"/bench/topic", TopicLoad),
         ]
 
 

@@ -124,6 +124,8 @@ class Topics:
         self.authorizers: Sequence[Authorizer] = ()
         #: Subscriptions in all (a gauge).
         self.count = 0
+        #: topic -> how many of its subscriptions here asked for join/leave.
+        self._watching: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._subscribers)
@@ -174,6 +176,8 @@ class Topics:
         self._subscribers.setdefault(topic, {})[conn.session_id] = sub
         subs[topic] = sub
         self.count += 1
+        if presence:
+            self._watching[topic] = self._watching.get(topic, 0) + 1
         self.broker.topic_joined(conn, topic, first=first)
         self._presence_event("join", conn, topic)
         if last_id is not None:
@@ -233,6 +237,12 @@ class Topics:
         if sub is None:
             return False
         self.count -= 1
+        if sub.presence:
+            left = self._watching[topic] - 1
+            if left:
+                self._watching[topic] = left
+            else:
+                del self._watching[topic]
         subs = self._subscribers.get(topic)
         if subs is not None:
             subs.pop(conn.session_id, None)
@@ -323,10 +333,8 @@ class Topics:
         )
 
     def _presence_event(self, kind: str, conn: Connection, topic: str) -> None:
-        subs = self._subscribers.get(topic)
-        watching = subs is not None and any(s.presence for s in subs.values())
-        if not watching and not self.broker.enabled:
-            return
+        if topic not in self._watching and not self.broker.enabled:
+            return  # nobody here asked for join/leave, and there are no other nodes
         framed = ws_text_frame(
             encode(kind, {"topic": topic, "user_id": conn.user_id, "session_id": conn.session_id})
         )

@@ -269,3 +269,27 @@ def test_topics_resubscribe_after_a_server_restart(live: LiveServer, browser: An
     assert page.evaluate("window.got") == [1, 2, 3]
     presence = page.evaluate("window.room.presence()")
     assert presence["users"] == [{"user_id": "erin", "sessions": presence["users"][0]["sessions"]}]
+
+
+def test_the_case_room_shows_who_is_there_and_status_updates(
+    live: LiveServer, browser: Any
+) -> None:
+    """Two people enter case 881's room in the demo: each sees the other
+    there; a status posted from the panel shows in both; one leaves."""
+    lawyer = open_inbox(browser.new_context(), live, "lawyer")
+    client = open_inbox(browser.new_context(), live, "client")
+    for page in (lawyer, client):
+        page.select_option("#room-pick select", "case:881")
+        page.click("#room-pick button")
+        page.wait_for_function("window.room && window.room.lastId", timeout=10000)
+    playwright_sync.expect(lawyer.locator("#room-people")).to_have_text("client, lawyer")
+    playwright_sync.expect(client.locator("#room-people")).to_have_text("client, lawyer")
+    lawyer.select_option("#case-status select", "case:881")
+    lawyer.fill("#case-status input[name=status]", "Hearing set for 3 March")
+    lawyer.click("#case-status button")
+    for page in (lawyer, client):
+        playwright_sync.expect(page.locator("#room-log .room-status")).to_have_text(
+            ["Hearing set for 3 March"], timeout=10000
+        )
+    client.close()
+    playwright_sync.expect(lawyer.locator("#room-people")).to_have_text("lawyer", timeout=10000)

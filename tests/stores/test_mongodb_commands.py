@@ -17,7 +17,7 @@ from rtserver.stores.base import StoreError
 from rtserver.stores.mongodb import MongoStore
 
 from ..mongo_support import pymongo_orphan_sockets  # noqa: F401 (autouse)
-from .suite import note
+from .suite import note, publication
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ async def opened(mock: MockupDB) -> AsyncIterator[MongoStore]:
     (await receive(mock)).replies(
         cursor({"v": 2, "key": {"_id": 1}, "name": "_id_"}, *EXISTING_INDEXES)
     )
-    await answer_ok(mock, 1)  # the idempotency keys' TTL index
+    await answer_ok(mock, 3)  # the idempotency keys' TTL index, the topic history's two
     await task
     yield store
     await store.spool.close()
@@ -117,7 +117,7 @@ async def test_open_creates_the_indexes_exactly(mock: MockupDB) -> None:
     listing = await receive(mock)
     assert command(listing) == {"listIndexes": "notifications", "cursor": {}}
     listing.replies(cursor({"v": 2, "key": {"_id": 1}, "name": "_id_"}))
-    created = await answer_ok(mock, 5)
+    created = await answer_ok(mock, 7)
     await task
     await store.spool.close()
     await store._client.close()
@@ -148,6 +148,14 @@ async def test_open_creates_the_indexes_exactly(mock: MockupDB) -> None:
         },
         {
             "createIndexes": "notifications_keys",
+            "indexes": [{"name": "expires_ttl", "expireAfterSeconds": 0, "key": {"expires_at": 1}}],
+        },
+        {
+            "createIndexes": "notifications_publications",
+            "indexes": [{"name": "topic_id", "key": {"topic": 1, "_id": 1}}],
+        },
+        {
+            "createIndexes": "notifications_publications",
             "indexes": [{"name": "expires_ttl", "expireAfterSeconds": 0, "key": {"expires_at": 1}}],
         },
     ]
@@ -203,7 +211,7 @@ async def test_changed_retention_uses_collmod(mock: MockupDB) -> None:
         "index": {"keyPattern": {"created_at": 1}, "expireAfterSeconds": 864000},
     }
     request.ok()
-    await answer_ok(mock, 1)  # the idempotency keys' TTL index
+    await answer_ok(mock, 3)  # the idempotency keys' TTL index, the topic history's two
     await task
     await store.spool.close()
     await store._client.close()
@@ -308,6 +316,46 @@ async def test_insert_many_is_one_unordered_insert(opened: MongoStore, mock: Moc
     assert isinstance(results[2], StoreError) and "validation" in str(results[2])
 
 
+async def test_a_publication_is_an_insert_then_one_trim(opened: MongoStore, mock: MockupDB) -> None:
+    """Topic history: the insert (data kept as the bytes published), the
+    newest-but-``keep`` lookup on the topic's index, and when one is beyond,
+    one delete of the older ones and a ``$max`` of the trimmed id."""
+    pub = publication("case:1", b'{"big": 18446744073709551616}')
+    task = asyncio.ensure_future(opened.insert_publication(pub, keep=100))
+    request = await receive(mock)
+    cmd = command(request)
+    assert cmd["insert"] == "notifications_publications"
+    (doc,) = cmd["documents"]
+    assert doc["_id"] == pub.id and doc["topic"] == "case:1" and bytes(doc["data"]) == pub.data
+    request.replies({"ok": 1, "n": 1})
+    request = await receive(mock)
+    cmd = command(request)
+    assert (cmd["find"], cmd["filter"], cmd["sort"], cmd["skip"], cmd["limit"]) == (
+        "notifications_publications",
+        {"topic": "case:1"},
+        {"_id": -1},
+        100,
+        1,
+    )
+    assert cmd["projection"] == {"_id": 1}
+    request.replies(
+        {"cursor": {"id": 0, "ns": "rt.notifications_publications", "firstBatch": [{"_id": "old"}]}}
+    )
+    request = await receive(mock)
+    assert command(request)["deletes"] == [
+        {"q": {"topic": "case:1", "_id": {"$lte": "old"}}, "limit": 0}
+    ]
+    request.replies({"ok": 1, "n": 1})
+    request = await receive(mock)
+    cmd = command(request)
+    assert cmd["update"] == "notifications_topic_trims"
+    assert cmd["updates"] == [
+        {"q": {"_id": "case:1"}, "u": {"$max": {"trimmed": "old"}}, "multi": False, "upsert": True}
+    ]
+    request.replies({"ok": 1, "n": 1})
+    await task
+
+
 async def test_a_server_that_stops_answering_is_an_outage(mock: MockupDB) -> None:
     """An insert whose answer never comes waits ``store.operation_timeout``,
     then is spooled like any other during an outage (not a hung request)."""
@@ -316,7 +364,7 @@ async def test_a_server_that_stops_answering_is_an_outage(mock: MockupDB) -> Non
     (await receive(mock)).replies(
         cursor({"v": 2, "key": {"_id": 1}, "name": "_id_"}, *EXISTING_INDEXES)
     )
-    await answer_ok(mock, 1)
+    await answer_ok(mock, 3)
     await task
     try:
         sent = asyncio.ensure_future(store.insert_many([note("u", "silence")]))

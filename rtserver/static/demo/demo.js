@@ -11,7 +11,7 @@ async function mint(userId, role = 'user') {
   const resp = await fetch('/api/test/token', {
     method: 'POST',
     headers: { 'Content-Type': 'application/json' },
-    body: JSON.stringify({ user_id: userId, role }),
+    body: JSON.stringify({ user_id: userId, role, topics: ['case:*'] }),
   });
   if (!resp.ok) throw new Error(`token: HTTP ${resp.status}`);
   return (await resp.json()).token;
@@ -86,6 +86,7 @@ function escapeHtml(text) {
 
 async function connect(userId) {
   if (client) client.close();
+  room = null;
   $('#list').innerHTML = '';
   $('#empty').hidden = false;
   $('#who').textContent = `· ${userId}`;
@@ -111,6 +112,72 @@ async function connect(userId) {
     setStatus('closed', `error: ${err.message}`);
   }
 }
+
+// -- the case room: a topic per case, with presence -------------------------
+
+let room = null;
+const people = new Map(); // user_id -> Set of session ids
+
+function showPeople() {
+  const names = [...people.keys()].sort();
+  $('#room-people').textContent = names.length ? names.join(', ') : 'nobody yet';
+}
+
+function logRoom(text, kind = 'status') {
+  const li = document.createElement('li');
+  li.className = `room-${kind}`;
+  li.textContent = text;
+  $('#room-log').prepend(li);
+}
+
+async function enterRoom(topic) {
+  if (!client) return;
+  if (room) await room.unsubscribe();
+  people.clear();
+  $('#room-log').innerHTML = '';
+  room = client.subscribe(topic, (p) => logRoom(`${p.data.status || JSON.stringify(p.data)}`), { presence: true });
+  window.room = room; // for the browser tests
+  room.onJoin((who) => {
+    if (!people.has(who.user_id)) logRoom(`${who.user_id} came in`, 'presence');
+    people.set(who.user_id, (people.get(who.user_id) || new Set()).add(who.session_id));
+    showPeople();
+  });
+  room.onLeave((who) => {
+    const sessions = people.get(who.user_id);
+    if (sessions) sessions.delete(who.session_id);
+    if (sessions && sessions.size === 0) {
+      people.delete(who.user_id);
+      logRoom(`${who.user_id} left`, 'presence');
+    }
+    showPeople();
+  });
+  try {
+    await room.ready;
+    const here = await room.presence();
+    for (const u of here.users) people.set(u.user_id, new Set(u.sessions));
+    showPeople();
+  } catch (err) {
+    logRoom(`cannot enter: ${err.message}`, 'presence');
+  }
+}
+
+$('#room-pick').addEventListener('submit', (event) => {
+  event.preventDefault();
+  enterRoom(new FormData(event.target).get('case'));
+});
+
+$('#case-status').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  try {
+    const result = await adminPost(`/api/topics/${encodeURIComponent(form.get('case'))}/publications`, {
+      status: form.get('status'),
+    });
+    $('#panel-result').textContent = `Published to ${form.get('case')}: ${result.delivered} subscriber(s) here.`;
+  } catch (err) {
+    $('#panel-result').textContent = `Not published: ${err.message}`;
+  }
+});
 
 $('#login').addEventListener('submit', (event) => {
   event.preventDefault();

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from rtserver.auth import Claims
 from rtserver.config import Config
 from rtserver.hub import SendResult
 from rtserver.idempotency import Answer, Keys, check_key, fingerprint
@@ -88,14 +89,23 @@ class SendHandler(APIHandler):
         await self.send_once(claims.sub, send)
 
 
-class NotificationHandler(APIHandler):
-    """``GET /api/users/{user_id}/notifications/{id}``: was it delivered, when,
-    read when. The user themself, or a publisher or admin."""
+class InboxHandler(APIHandler):
+    """A route about one user's inbox: the user themself, or a publisher or
+    admin acting for the user."""
 
-    async def get(self, user_id: str, notification_id: str) -> None:
+    def for_user(self, user_id: str) -> Claims:
         claims = self.claims("user")
         if claims.sub != user_id and claims.role == "user":
-            raise ProtocolError(FORBIDDEN, "you may read only your own notifications", status=403)
+            raise ProtocolError(FORBIDDEN, "only your own notifications", status=403)
+        return claims
+
+
+class NotificationHandler(InboxHandler):
+    """``GET /api/users/{user_id}/notifications/{id}``: was it delivered, when,
+    read when; ``DELETE``: remove it (204; the user's sessions get ``deleted``)."""
+
+    async def get(self, user_id: str, notification_id: str) -> None:
+        self.for_user(user_id)
         n = await self.hub.get_notification(user_id, notification_id)
         wire = n.to_wire()
         self.send(
@@ -107,6 +117,69 @@ class NotificationHandler(APIHandler):
                 "read_at": wire["read_at"],
             }
         )
+
+    async def delete(self, user_id: str, notification_id: str) -> None:
+        self.for_user(user_id)
+        deleted, _ = await self.hub.delete_notifications(user_id, [notification_id])
+        if not deleted:
+            raise ProtocolError("not_found", "no such notification", status=404)
+        self.set_status(204)
+        self.finish()
+
+
+class UnreadCountHandler(InboxHandler):
+    """``GET /api/users/{user_id}/unread_count``."""
+
+    async def get(self, user_id: str) -> None:
+        self.for_user(user_id)
+        self.send({"unread_count": await self.hub.unread_count(user_id)})
+
+
+class ReadHandler(InboxHandler):
+    """``POST /api/users/{user_id}/notifications/read`` ``{"ids": [...]}`` or
+    ``{"all": true}``: as ``mark_read`` (the user's sessions get ``read``)."""
+
+    async def post(self, user_id: str) -> None:
+        self.for_user(user_id)
+        data = self.body(MarkRead)
+        if data.all == (data.ids is not None):
+            raise ProtocolError(BAD_REQUEST, "body: give either ids (a list) or all: true")
+        cap = self.hub.config.limits.max_ids_per_mark_read
+        if data.ids is not None and len(data.ids) > cap:
+            raise ProtocolError(TOO_LARGE, f"ids: at most {cap} per request", status=413)
+        updated, unread = await self.hub.mark_read(user_id, data.ids)
+        self.send({"updated": updated, "unread_count": unread})
+
+
+class ExportHandler(InboxHandler):
+    """``GET /api/users/{user_id}/export``: every stored notification of the
+    user, newest first, as one JSON document written a page at a time (an
+    access request, however many there are)."""
+
+    async def get(self, user_id: str) -> None:
+        self.for_user(user_id)
+        self.set_header("Content-Type", "application/json")
+        self.set_header(
+            "Content-Disposition", f'attachment; filename="notifications-{_filename(user_id)}.json"'
+        )
+        page = await self.hub.get_notifications_for_user(user_id, limit=MAX_PAGE)
+        self.write(b'{"user_id":' + encode_json(user_id) + b',"notifications":[')
+        first = True
+        while page:
+            chunk = b",".join(n.wire_json() for n in page)
+            self.write(chunk if first else b"," + chunk)
+            first = False
+            await self.flush()
+            if len(page) < MAX_PAGE:
+                break
+            page = await self.hub.get_notifications_for_user(
+                user_id, limit=MAX_PAGE, before=page[-1].id
+            )
+        self.finish(b"]}")
+
+
+def _filename(user_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in user_id)[:100]
 
 
 class BatchItem(msgspec.Struct, forbid_unknown_fields=True):
@@ -235,16 +308,22 @@ class SessionMessageHandler(APIHandler):
         await self.send_once(claims.sub, send)
 
 
-class HistoryHandler(APIHandler):
-    """``GET /api/users/{user_id}/notifications?unread_only=true&limit=N&before=ID``.
+class HistoryHandler(InboxHandler):
+    """``GET /api/users/{user_id}/notifications?unread_only=true&limit=N&before=ID``
+    (the user themself, or a publisher or admin); ``DELETE``: erase every
+    stored notification of the user (the user themself or an admin, never a
+    publisher), logged as ``privacy.erased``."""
 
-    The user themself, or a publisher or admin.
-    """
+    async def delete(self, user_id: str) -> None:
+        claims = self.claims("user")
+        if claims.sub != user_id and claims.role != "admin":
+            raise ProtocolError(
+                FORBIDDEN, "only the user or an admin may erase a user's notifications", status=403
+            )
+        self.send({"deleted": await self.hub.erase_user(user_id, by=claims.sub)})
 
     async def get(self, user_id: str) -> None:
-        claims = self.claims("user")
-        if claims.sub != user_id and claims.role == "user":
-            raise ProtocolError(FORBIDDEN, "you may read only your own notifications", status=403)
+        self.for_user(user_id)
         unread_only = self.get_query_argument("unread_only", "false").lower() in (
             "1",
             "true",
@@ -278,6 +357,9 @@ def rtserver_routes(config: Config) -> list[Route]:
         Route(r"/api/notifications/([^/]+)", SendHandler),
         Route(r"/api/sessions/([^/]+)/messages", SessionMessageHandler),
         Route(r"/api/users/([^/]+)/notifications", HistoryHandler),
+        Route(r"/api/users/([^/]+)/notifications/read", ReadHandler),
+        Route(r"/api/users/([^/]+)/unread_count", UnreadCountHandler),
+        Route(r"/api/users/([^/]+)/export", ExportHandler),
         Route(r"/api/users/([^/]+)/notifications/([^/]+)", NotificationHandler),
     ]
     if config.server.test_routes:

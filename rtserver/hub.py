@@ -1024,6 +1024,28 @@ class Hub:
         self.delivery.to_user(user_id, "read", push, exclude=origin)
         return updated, unread
 
+    async def unread_count(self, user_id: str) -> int:
+        return await self._store_op("unread_count", self.store.unread_count(user_id))
+
+    async def delete_notifications(self, user_id: str, ids: Sequence[str]) -> tuple[int, int]:
+        """Remove these of the user's notifications and tell the user's
+        sessions (a ``deleted`` push). Returns (deleted, unread)."""
+        deleted, unread = await self._store_op(
+            "delete", self.store.delete_notifications(user_id, list(ids))
+        )
+        if deleted:
+            self.delivery.to_user(user_id, "deleted", {"ids": list(ids), "unread_count": unread})
+        return deleted, unread
+
+    async def erase_user(self, user_id: str, *, by: str) -> int:
+        """Remove every stored notification of ``user_id`` (an erasure
+        request); the user's sessions get ``deleted`` ``{"all": true}``, and
+        the log keeps who erased whose. Returns how many were removed."""
+        deleted, _ = await self._store_op("delete", self.store.delete_notifications(user_id, None))
+        self.delivery.to_user(user_id, "deleted", {"all": True, "unread_count": 0})
+        log.warning("privacy.erased", user_id=user_id, by=by, deleted=deleted)
+        return deleted
+
     async def cleanup(self) -> int:
         """Remove notifications past retention (runs every ``cleanup_interval``)."""
         cfg = self.config.store

@@ -672,7 +672,13 @@ class StaticHandler(tornado.web.StaticFileHandler):
     def initialize(  # type: ignore[override]
         self, hub: Hub, path: str, default_filename: str | None = None
     ) -> None:
+        self.hub = hub
         super().initialize(path, default_filename)
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")
+        # A page of an allowed origin (the app's) may import rtclient.js from here.
+        origin = self.request.headers.get("Origin")
+        if origin and origin_allowed(origin, self.hub.config.server.allowed_origins):
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Vary", "Origin")

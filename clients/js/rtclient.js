@@ -214,6 +214,11 @@ export class RTClient {
         if (sub) sub._emit(frame.event, data);
         break;
       }
+      case 'deleted':
+        // Removed through the HTTP API (a delete button, an erasure request).
+        if (typeof data.unread_count === 'number') this._setUnread(data.unread_count);
+        this.emit('deleted', data);
+        break;
       case 'token_expiring':
         this.emit('token_expiring', data);
         this._refresh();

@@ -125,6 +125,13 @@ class Store(abc.ABC):
         """How many of the user's notifications are unread."""
 
     @abc.abstractmethod
+    async def delete_notifications(
+        self, user_id: str, ids: Sequence[str] | None
+    ) -> tuple[int, int]:
+        """Remove these of the user's notifications, or all of them (None: an
+        erasure); returns ``(deleted, unread_count)`` after."""
+
+    @abc.abstractmethod
     async def purge(self, now: float, retention: float, read_retention: float | None) -> int:
         """Remove notifications created before ``now - retention``, and read ones
         read before ``now - read_retention``. Returns how many were removed

@@ -700,6 +700,19 @@ class MongoStore(Store):
         except PyMongoError as err:
             raise self._wrap(err) from None
 
+    async def delete_notifications(
+        self, user_id: str, ids: Sequence[str] | None
+    ) -> tuple[int, int]:
+        query: dict[str, Any] = {"user_id": user_id}
+        if ids is not None:
+            query["_id"] = {"$in": list(ids)}
+        try:
+            result = await self._coll.delete_many(query)
+            unread = await self._coll.count_documents({"user_id": user_id, "read": False})
+        except PyMongoError as err:
+            raise self._wrap(err) from None
+        return result.deleted_count, unread
+
     # -- topic history ----------------------------------------------------
 
     async def insert_publication(self, publication: Publication, keep: int) -> None:

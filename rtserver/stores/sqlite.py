@@ -526,6 +526,30 @@ class SQLiteStore(Store):
             pass
         return removed
 
+    async def delete_notifications(
+        self, user_id: str, ids: Sequence[str] | None
+    ) -> tuple[int, int]:
+        """Ids in one statement; all of a user's (an erasure) in statements of
+        ``_PURGE_CHUNK`` rows, as ``purge`` does, so writes go in between."""
+        deleted = 0
+        if ids is None:
+            sql = (
+                "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications"
+                f" WHERE user_id = ? LIMIT {_PURGE_CHUNK})"
+            )
+            while True:
+                count = await self._run(partial(_delete, sql, (user_id,)))
+                deleted += count
+                if count < _PURGE_CHUNK:
+                    break
+        else:
+            for start in range(0, len(ids), _CHUNK):
+                chunk = tuple(ids[start : start + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                sql = f"DELETE FROM notifications WHERE user_id = ? AND id IN ({marks})"
+                deleted += await self._run(partial(_delete, sql, (user_id, *chunk)))
+        return deleted, await self.unread_count(user_id)
+
     # -- topic history ----------------------------------------------------
 
     async def insert_publication(self, publication: Publication, keep: int) -> None:

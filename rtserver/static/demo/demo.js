@@ -55,13 +55,23 @@ function render(note, { prepend = true } = {}) {
       <p class="meta"><span class="type">${note.broadcast ? 'broadcast' : note.type}</span>
         <time datetime="${note.created_at}">${timeAgo(note.created_at)}</time>${extras}</p>
     </div>
-    ${note.broadcast ? '' : '<button class="ghost mark" title="Mark read">Mark read</button>'}`;
+    ${note.broadcast ? '' : '<button class="ghost mark" title="Mark read">Mark read</button><button class="ghost delete" title="Delete">Delete</button>'}`;
   const button = li.querySelector('.mark');
   if (button) {
     button.disabled = !!note.read;
     button.addEventListener('click', async () => {
       await client.markRead([note.id]);
       markDom([note.id]);
+    });
+  }
+  const remove = li.querySelector('.delete');
+  if (remove) {
+    remove.addEventListener('click', async () => {
+      const resp = await fetch(`/api/users/${encodeURIComponent(client.userId)}/notifications/${encodeURIComponent(note.id)}`, {
+        method: 'DELETE',
+        headers: { Authorization: `Bearer ${client.token}` },
+      });
+      if (resp.ok || resp.status === 404) removeDom([note.id]);
     });
   }
   const list = $('#list');
@@ -78,6 +88,13 @@ function markDom(ids) {
     const button = node.querySelector('.mark');
     if (button) button.disabled = true;
   }
+}
+
+function removeDom(ids) {
+  const nodes = ids === 'all' ? document.querySelectorAll('.notification:not(.broadcast)')
+    : ids.map((id) => document.querySelector(`.notification[data-id="${CSS.escape(id)}"]`)).filter(Boolean);
+  for (const node of nodes) node.remove();
+  $('#empty').hidden = document.querySelector('.notification') !== null;
 }
 
 function escapeHtml(text) {
@@ -105,6 +122,7 @@ async function connect(userId) {
   client.on('notification', (note) => render(note));
   client.on('unread', setBadge);
   client.on('read', (push) => markDom(push.all ? 'all' : push.ids));
+  client.on('deleted', (push) => removeDom(push.all ? 'all' : push.ids));
   setStatus('connecting', 'connecting…');
   try {
     await client.connect();

@@ -216,6 +216,11 @@ async def test_direct_message_and_read_push_cross_nodes(cluster2: Cluster) -> No
     await b.next("notification")
     await a.mark_read([nid])
     assert await b.next("read") == {"ids": [nid], "unread_count": 0}
+    # Deleted through node 1's API: node 0's session hears of it too.
+    status, _ = await cluster2.http(1, "DELETE", f"/api/users/cy/notifications/{nid}")
+    assert status == 204
+    for client in (a, b):
+        assert await client.next("deleted") == {"ids": [nid], "unread_count": 0}
 
 
 async def test_cluster_view_and_a_crashed_node(cluster2: Cluster) -> None:

@@ -213,6 +213,18 @@ class StoreSuite:
         """ping() is true while the backend answers."""
         assert await store.ping() is True
 
+    async def test_delete_some_then_erase_all(self, store: Store) -> None:
+        """delete_notifications removes the given ids of that user only, then
+        with None every one of the user's; unread counts follow."""
+        mine = [note("d", str(i)) for i in range(3)]
+        theirs = note("e")
+        await store.insert_many([*mine, theirs])
+        assert await store.delete_notifications("d", [mine[0].id, theirs.id]) == (1, 2)
+        assert [n.id for n in await store.history("d")] == [mine[2].id, mine[1].id]
+        assert await store.delete_notifications("d", None) == (2, 0)
+        assert await store.history("d") == []
+        assert [n.id for n in await store.history("e")] == [theirs.id]
+
     async def test_topic_history_keeps_the_newest_in_order(self, store: Store) -> None:
         """Publications come back oldest first after an id, per topic; a topic
         keeps its newest ``keep`` and remembers the newest id it dropped; an

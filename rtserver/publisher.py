@@ -60,13 +60,16 @@ class PublishError(Exception):
         self.message = message
         self.body = body
         self.retry_after = retry_after
+        #: ``send_notifications``: per item, its result, or None if not stored.
+        self.results: list[dict[str, Any] | None] | None = None
 
 
 class Publisher:
     """rtserver's HTTP API for one server (or a load balancer in front of a
     cluster), blocking. ``timeout``: seconds per attempt; ``retries``: attempts
     after the first; ``backoff``: the first retry's ceiling (doubling, at most
-    ``backoff_max``)."""
+    ``backoff_max``); ``max_batch``: items per batch request (the server's
+    ``limits.max_batch``); ``parallel``: batch requests at a time."""
 
     def __init__(
         self,
@@ -78,6 +81,7 @@ class Publisher:
         backoff: float = 0.2,
         backoff_max: float = 5.0,
         max_batch: int = 1000,
+        parallel: int = 4,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -92,6 +96,8 @@ class Publisher:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.max_batch = max_batch
+        self.parallel = parallel
+        self._executor: ThreadPoolExecutor | None = None
         self._headers = {
             "Authorization": f"Bearer {token}",
             "Content-Type": "application/json",
@@ -111,15 +117,48 @@ class Publisher:
     def send_notifications(
         self, items: Iterable[tuple[str, dict[str, Any]]]
     ) -> list[dict[str, Any]]:
-        """Many at once, ``max_batch`` a request: one ``{"id", "delivered"}`` per
-        item, in order. A batch the store refused part of is retried (stored
-        once); still refused, ``PublishError`` (503) carries the answer."""
+        """Many at once: one ``{"id", "delivered"}`` per item, in order. They
+        go ``max_batch`` a request, up to ``parallel`` requests at a time. A
+        batch the store refused part of is retried (stored once); when one
+        still fails, ``PublishError`` is raised once the others are done, with
+        ``results``: per item, its result or None where it was not stored."""
         pending = [{"user_id": u, "notification": n} for u, n in items]
-        out: list[dict[str, Any]] = []
-        for start in range(0, len(pending), self.max_batch):
-            body = self._call("POST", "/api/notifications", pending[start : start + self.max_batch])
-            out += body["results"]
-        return out
+        chunks = [
+            pending[start : start + self.max_batch]
+            for start in range(0, len(pending), self.max_batch)
+        ]
+        if len(chunks) <= 1:
+            return [r for chunk in chunks for r in self._batch(chunk)]
+        outcomes = list(self._pool().map(self._try_batch, chunks))
+        results: list[dict[str, Any] | None] = []
+        failed: PublishError | None = None
+        for chunk, outcome in zip(chunks, outcomes, strict=True):
+            if isinstance(outcome, PublishError):
+                failed = failed or outcome
+                results += [None] * len(chunk)
+            else:
+                results += outcome
+        if failed is not None:
+            failed.results = results
+            raise failed
+        return results  # type: ignore[return-value]
+
+    def _batch(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self._call("POST", "/api/notifications", chunk)["results"]  # type: ignore[no-any-return]
+
+    def _try_batch(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]] | PublishError:
+        try:
+            return self._batch(chunk)
+        except PublishError as err:
+            return err
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.parallel, thread_name_prefix="rtserver-batch"
+                )
+            return self._executor
 
     def send_direct_message(self, session_id: str, payload: dict[str, Any]) -> int:
         """To one session, on whichever node holds it: 1; ``PublishError`` 404
@@ -157,6 +196,9 @@ class Publisher:
         call made after opens a new one)."""
         with self._lock:
             conns, self._conns = self._conns, set()
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown()
         for conn in conns:
             conn.close()
 

@@ -81,7 +81,7 @@ class Publisher:
         backoff: float = 0.2,
         backoff_max: float = 5.0,
         max_batch: int = 1000,
-        parallel: int = 4,
+        parallel: int = 8,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -150,7 +150,7 @@ def make_app(
     hub.notification_filters = loaded.notification_filters(hub)
     hub.topics.authorizers = loaded.topic_authorizers(hub)
     if loaded.implemented("rtserver_delivered"):
-        hub.delivered_listeners.append(delivered)
+        hub.delivered.delivered_listeners.append(delivered)
     return app
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
@@ -36,6 +35,7 @@ from tornado.ioloop import PeriodicCallback
 from rtserver.auth import Authenticator
 from rtserver.broker import MAX_SESSIONS_PAGE, BrokerUnavailable, make_broker
 from rtserver.config import Config
+from rtserver.delivered import Delivered
 from rtserver.delivery import Delivery, frame, notification_frame
 from rtserver.idempotency import Keys
 from rtserver.limits import RateLimits
@@ -52,7 +52,6 @@ from rtserver.protocol import (
     check_shape,
     encode_json,
 )
-from rtserver.receipts import ReceiptTable
 from rtserver.sessions import Connection, SessionRegistry
 from rtserver.stores.base import MAX_PAGE, Store, StoreError
 from rtserver.topics import PublishResult, Topics
@@ -79,14 +78,6 @@ async def _cluster_request() -> AsyncIterator[None]:
 def _check_user_id(user_id: Any) -> None:
     if not isinstance(user_id, str) or not user_id or len(user_id) > 256:
         raise ProtocolError("bad_request", "user_id: required string of 1 to 256 characters")
-
-
-def _made_at(notification_id: str) -> float:
-    """When a notification was made, from its id (-inf if the id says not)."""
-    try:
-        return IdGenerator.created_at(notification_id)
-    except ValueError:
-        return -math.inf
 
 
 class SendResult(msgspec.Struct, frozen=True, gc=False):
@@ -151,6 +142,18 @@ class Hub:
             store, self.metrics, ttl=server.idempotency_ttl, lease=server.idempotency_lease
         )
         self.new_id = IdGenerator()
+        #: Delivery marks, receipts awaited, requeues (``rtserver.delivered``).
+        self.delivered = Delivered(
+            store=store,
+            sessions=self.sessions,
+            delivery=self.delivery,
+            broker=self.broker,
+            metrics=self.metrics,
+            receipt_timeout=server.receipt_timeout,
+            spawn=self.spawn,
+            store_op=self._store_op,
+            rows_pending=self._rows_pending,
+        )
         #: Topic subscriptions, publishing, presence and history.
         self.topics = Topics(
             config, store, self.delivery, self.broker, self.metrics, self.new_id, self.spawn
@@ -160,17 +163,12 @@ class Hub:
         self.shutting_down = False
         self._periodic: list[PeriodicCallback] = []
         self._jobs: set[asyncio.Task[Any]] = set()  # periodic runs going now
-        self._delivered: list[tuple[str, str, Connection | None]] = []
-        self.receipts = ReceiptTable()
         self._inflight: dict[str, set[str]] = {}
         #: Batches whose rows are being written (see ``_rows_pending``).
         self._writing: set[_Batch] = set()
         #: The batch collecting this loop turn's ``send_notification`` calls.
         self._turn_batch: _Batch | None = None
         self._store_timers: dict[str, Any] = {}
-        #: Called as (user_id, ids, connection or None) when notifications
-        #: become delivered; the app forwards them to the rtserver_delivered hook.
-        self.delivered_listeners: list[Callable[[str, list[str], Connection | None], None]] = []
         #: ``(user_id, payload) -> payload``, in order, before a notification
         #: is built (the ``rtserver_notification`` hook); user_id None: a broadcast.
         self.notification_filters: Sequence[Callable[[str | None, dict[str, Any]], Any]] = ()
@@ -251,7 +249,7 @@ class Hub:
             self._close_turn_batch(self._turn_batch)
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await self._flush_delivered()
+        await self.delivered.flush()
         await self.broker.stop()
         await self.store.close()
         log.info("store.closed", backend=self.store.name)
@@ -517,10 +515,10 @@ class Hub:
                 results.append(StoreError(str(error), delivered=delivered))
             if stored:
                 self.metrics.notifications.inc(stored)
-        if self.delivered_listeners:
+        if self.delivered.delivered_listeners:
             for n, error in zip(notifications, errors, strict=True):
                 if error is None and n.delivered_at is not None:
-                    self._fire_delivered(n.user_id or "", [n.id], None)
+                    self.delivered.fire(n.user_id or "", [n.id], None)
         return results
 
     def _push(
@@ -545,7 +543,7 @@ class Hub:
         if now is not None and plain:
             n.delivered_at = now
         else:
-            self._pushed(user_id, n.id, framed)
+            self.delivered.pushed(user_id, n.id, framed)
         return delivered
 
     async def send_direct_message(self, session_id: str, payload: dict[str, Any]) -> int:
@@ -586,113 +584,21 @@ class Hub:
         log.info("broadcast.sent", notification_id=notification.id, delivered=n)
         return n
 
-    def _pushed(self, user_id: str, notification_id: str, framed: bytes) -> None:
-        """After a live push: delivered now if a session without receipts got
-        it, else delivered once a receipts-session confirms."""
-        sessions = [c for c in self.sessions.view_of_user(user_id) if not c.closed]
-        if any(not c.receipts for c in sessions):
-            self._note_delivered(user_id, notification_id)
-        else:
-            self.receipts.expect(user_id, notification_id, framed, {c.session_id for c in sessions})
-
-    def _note_delivered(
-        self, user_id: str, notification_id: str, confirmed_by: Connection | None = None
-    ) -> None:
-        """Batch ``delivered_at`` updates: one store call per loop iteration."""
-        if not self._delivered:
-            asyncio.get_running_loop().call_soon(lambda: self.spawn(self._flush_delivered()))
-        self._delivered.append((user_id, notification_id, confirmed_by))
-
-    async def _flush_delivered(self) -> None:
-        marks, self._delivered = self._delivered, []
-        if not marks:
-            return
-        # If this fails the notifications are offered again at the next
-        # register: at-least-once, never lost.
-        ids = [nid for _, nid, _ in marks]
-        await self._store_op("mark_delivered", self.store.mark_delivered(ids, time.time()))
-        if not self.delivered_listeners:
-            return
-        groups: dict[tuple[str, int], tuple[Connection | None, list[str]]] = {}
-        for user_id, nid, conn in marks:
-            groups.setdefault((user_id, id(conn)), (conn, []))[1].append(nid)
-        for (user_id, _), (conn, group_ids) in groups.items():
-            self._fire_delivered(user_id, group_ids, conn)
-
-    def _fire_delivered(self, user_id: str, ids: list[str], connection: Connection | None) -> None:
-        for listener in self.delivered_listeners:
-            try:
-                listener(user_id, ids, connection)
-            except Exception:
-                log.exception("delivered_listener.failed")
+    # -- receipts and delivery marks (``rtserver.delivered``) ---------------
 
     async def confirm_received(self, connection: Connection, ids: Sequence[str]) -> int:
         """A receipts-session confirms ``ids``: they are delivered from now on.
-        Ids of other users' notifications change nothing. Returns how many
-        confirmations were new to this process."""
-        assert connection.user_id is not None
-        user_id = connection.user_id
-        saving = self._rows_pending(user_id)
-        if saving:
-            # Pushed before its row was written: mark it once the row exists.
-            await asyncio.gather(*saving)
-        done = self.receipts.confirm(user_id, list(dict.fromkeys(ids)))
-        for seconds in done.latencies:
-            self.metrics.confirm_seconds.observe(seconds)
-        self.metrics.confirmed.inc(len(done.latencies))
-        for nid in done.known:
-            self._note_delivered(user_id, nid, connection)
-        for origin, sent_there in done.elsewhere.items():
-            self.broker.settle(origin, user_id, sent_there)  # that node writes it
-        if done.unknown:
-            # Not pushed by this process (a restart, or confirmed twice): the
-            # store is told, scoped to the user, and marks only first times.
-            await self._store_op(
-                "mark_delivered",
-                self.store.mark_delivered(done.unknown, time.time(), user_id=user_id),
-            )
-        return len(done.known)
+        Returns how many confirmations were new to this process."""
+        return await self.delivered.confirm(connection, ids)
 
     def settled_elsewhere(self, user_id: str, ids: list[str]) -> None:
-        """Another node's session got (or confirmed) notifications this node
-        sent: they are delivered. This node stops waiting for receipts of
-        them and marks them, once their rows are written (the push may have
-        gone out before the write)."""
-        for nid in ids:
-            entry = self.receipts.get(nid)
-            if entry is not None and entry.user_id == user_id:
-                self.receipts.forget(nid)
-        self.spawn(self._mark_settled(user_id, ids))
-
-    async def _mark_settled(self, user_id: str, ids: list[str]) -> None:
-        saving = self._rows_pending(user_id)
-        if saving:
-            await asyncio.gather(*saving)
-        try:
-            await self._store_op(
-                "mark_delivered", self.store.mark_delivered(ids, time.time(), user_id=user_id)
-            )
-        except StoreError as err:
-            # Offered again at the next register: at-least-once, never lost.
-            log.warning("receipts.mark_failed", user_id=user_id, error=str(err))
+        self.delivered.settled_elsewhere(user_id, ids)
 
     def resend_unconfirmed(self) -> None:
-        """Push notifications unconfirmed for ``receipt_timeout`` to the user's
-        other receipts-sessions (same id: clients drop duplicates). With no
-        other session the entry is dropped: the store still has it undelivered,
-        so the user's next register offers it again."""
-        for nid, entry in self.receipts.due(self.config.server.receipt_timeout):
-            targets = [
-                c
-                for c in self.sessions.of_user(entry.user_id)
-                if c.receipts and not c.closed and c.session_id not in entry.tried
-            ]
-            if not targets:
-                self.receipts.forget(nid)
-                continue
-            n = self.delivery.resend(targets, entry.framed, nid)
-            self.metrics.resends.inc(n)
-            self.receipts.expect(entry.user_id, nid, entry.framed, {c.session_id for c in targets})
+        self.delivered.resend_unconfirmed()
+
+    def connection_finished(self, conn: Connection) -> None:
+        self.delivered.connection_finished(conn)
 
     # -- sessions ---------------------------------------------------------
 
@@ -760,9 +666,9 @@ class Hub:
             written = self.delivery.replay(conn, settled)
             for nid, framed in written:
                 if conn.receipts:
-                    self.receipts.expect(user_id, nid, framed, {conn.session_id})
+                    self.delivered.receipts.expect(user_id, nid, framed, {conn.session_id})
                 else:
-                    self._note_delivered(user_id, nid)
+                    self.delivered.note(user_id, nid)
             sent += len(page)
             cursor = page[-1].id
             if len(page) < limit:
@@ -783,67 +689,8 @@ class Hub:
         if not conn.receipts:
             lost = conn.unsent_notifications()
             if lost:
-                conn.requeued = self._requeue(user_id, lost)
+                conn.requeued = self.delivered.requeue(user_id, lost)
         self.broker.session_removed(conn)
-
-    def connection_finished(self, conn: Connection) -> None:
-        """The socket of a gone session is done. Of what it still queued when
-        it was gone, what left after all (a peer that read on through the
-        closing handshake) is delivered again; the rest stays undelivered,
-        for the user's next register."""
-        requeued, conn.requeued = conn.requeued, None
-        if not requeued or conn.user_id is None:
-            return
-        still = set(conn.unsent_notifications())
-        left = [nid for nid in requeued if nid not in still]
-        lost = len(requeued) - len(left)
-        if lost:
-            self.metrics.requeued.inc(lost)
-            log.info(
-                "delivery.requeued",
-                user_id=conn.user_id,
-                session_id=conn.session_id,
-                count=lost,
-                reason=conn.close_reason,
-            )
-        if left:
-            self.spawn(self._mark_delivered_again(conn.user_id, left))
-
-    def _requeue(self, user_id: str, ids: list[str]) -> list[str]:
-        """Notifications counted delivered because a session now gone was
-        sent them, though they were still queued here: undelivered again, so
-        the user's next register offers them, unless another session of the
-        user here, open since before they were made, has them. Returns the
-        ids made undelivered."""
-        others = [c for c in self.sessions.view_of_user(user_id) if not c.closed and not c.receipts]
-        if others:
-            held = {nid for c in others for nid in c.unsent_notifications()}
-            since = min(c.registered_at or math.inf for c in others)
-            ids = [nid for nid in ids if nid in held or _made_at(nid) < since]
-            if not ids:
-                return []
-        lost = set(ids)
-        self._delivered = [m for m in self._delivered if m[1] not in lost]
-        self.spawn(self._mark_undelivered(user_id, ids))
-        return ids
-
-    async def _mark_delivered_again(self, user_id: str, ids: list[str]) -> None:
-        try:
-            await self._store_op(
-                "mark_delivered", self.store.mark_delivered(ids, time.time(), user_id=user_id)
-            )
-        except StoreError as err:
-            # Offered once more at the next register: at least once, never lost.
-            log.warning("delivery.mark_failed", user_id=user_id, error=str(err))
-
-    async def _mark_undelivered(self, user_id: str, ids: list[str]) -> None:
-        saving = self._rows_pending(user_id)
-        if saving:
-            await asyncio.gather(*saving)  # rows written as delivered: after them
-        try:
-            await self._store_op("mark_undelivered", self.store.mark_undelivered(user_id, ids))
-        except StoreError as err:
-            log.error("delivery.requeue_failed", user_id=user_id, ids=ids, error=str(err))
 
     # -- from other nodes (``broker.Node``) ---------------------------------
 
@@ -876,7 +723,7 @@ class Hub:
             if waiting:
                 self.broker.settle(origin, user_id, [notification_id])
         else:
-            self.receipts.expect(
+            self.delivered.receipts.expect(
                 user_id,
                 notification_id,
                 framed,

@@ -15,10 +15,10 @@ import msgspec
 
 from rtserver.auth import Claims
 from rtserver.config import Config
-from rtserver.hub import SendResult
 from rtserver.idempotency import Answer, Keys, check_key, fingerprint
 from rtserver.plugins import EventContext, EventHandler, Route, hookimpl
 from rtserver.protocol import BAD_REQUEST, FORBIDDEN, TOO_LARGE, ProtocolError, encode_json
+from rtserver.sending import SendResult
 from rtserver.stores.base import MAX_PAGE, StoreError
 from rtserver.web import APIHandler
 

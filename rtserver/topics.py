@@ -127,9 +127,6 @@ class Topics:
         #: topic -> how many of its subscriptions here asked for join/leave.
         self._watching: dict[str, int] = {}
 
-    def __len__(self) -> int:
-        return len(self._subscribers)
-
     # -- grants -----------------------------------------------------------
 
     def authorize(self, conn: Connection, topic: str, action: Action) -> None:
@@ -374,6 +371,3 @@ class Topics:
             topic, after=after, limit=min(limit, MAX_PAGE), now=time.time()
         )
         return [p.to_wire() for p in page]
-
-    def subscribers(self, topic: str) -> int:
-        return len(self._subscribers.get(topic, ()))

@@ -741,14 +741,14 @@ class RedisBroker(LocalBroker):
         if origin == self._origin or node is None:
             return
         if kind == b"u":
-            user_id = channel.decode().split(":u:", 1)[1]
+            user_id = channel[len(self._user_channel("")) :].decode()
             node.from_cluster(
                 user_id, body, a.decode() or None, b.decode() or None, origin.decode(), c == b"w"
             )
         elif kind == b"b":
             node.broadcast_from_cluster(body)
         elif kind == b"t":
-            topic = channel.decode().split(":t:", 1)[1]
+            topic = channel[len(self._topic_channel("")) :].decode()
             node.topic_from_cluster(topic, a.decode() or None, body, presence=c == b"p")
         elif kind == b"q":
             self._answer(origin.decode(), a, b.decode(), c, body)

@@ -1,5 +1,5 @@
-"""What was delivered: the store's delivery marks, receipts awaited, and
-notifications made undelivered again.
+"""What was delivered: offline delivery at register, the store's delivery
+marks, receipts awaited, and notifications made undelivered again.
 
 A notification is delivered once a session without receipts was written it,
 or a receipts-session confirmed it; marks are batched (one store call a loop
@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 from rtserver.broker import LocalBroker
 from rtserver.delivery import Delivery
@@ -24,9 +24,18 @@ from rtserver.metrics import Metrics
 from rtserver.protocol import IdGenerator
 from rtserver.receipts import ReceiptTable
 from rtserver.sessions import Connection, SessionRegistry
-from rtserver.stores.base import Store, StoreError
+from rtserver.stores.base import MAX_PAGE, Store, StoreError
 
 log = get_logger("rtserver")
+
+T = TypeVar("T")
+
+
+class StoreOp(Protocol):
+    """A store call, timed and counted by operation (``Hub._store_op``)."""
+
+    def __call__(self, op: str, coro: Coroutine[Any, Any, T], /) -> Coroutine[Any, Any, T]: ...
+
 
 #: ``(user_id, ids, connection or None)``: notifications became delivered.
 DeliveredListener = Callable[[str, list[str], Connection | None], None]
@@ -53,8 +62,10 @@ class Delivered:
         metrics: Metrics,
         receipt_timeout: float,
         spawn: Callable[[Coroutine[Any, Any, Any]], Any],
-        store_op: Callable[[str, Coroutine[Any, Any, None]], Coroutine[Any, Any, None]],
+        store_op: StoreOp,
         rows_pending: Callable[[str], list[asyncio.Future[None]]],
+        in_flight: Callable[[str], Collection[str]],
+        max_replay: int,
     ) -> None:
         self.store = store
         self.sessions = sessions
@@ -66,6 +77,9 @@ class Delivered:
         self._store_op = store_op
         #: Futures done once the user's pushed-first rows are written (the sender's).
         self._rows_pending = rows_pending
+        #: The user's notifications being written, pushed after (the sender's).
+        self._in_flight = in_flight
+        self.max_replay = max_replay
         #: Notifications pushed to receipts-sessions, awaiting confirmation.
         self.receipts = ReceiptTable()
         self._marks: list[tuple[str, str, Connection | None]] = []
@@ -238,3 +252,46 @@ class Delivered:
             await self._store_op("mark_undelivered", self.store.mark_undelivered(user_id, ids))
         except StoreError as err:
             log.error("delivery.requeue_failed", user_id=user_id, ids=ids, error=str(err))
+
+    async def replay(self, conn: Connection, user_id: str, last_id: str | None) -> None:
+        """Offline delivery to a session that just registered: every
+        notification of the user no session has received yet (or, with
+        ``last_id``, every one after it), oldest first, at most
+        ``limits.max_replay``; written notifications are marked or awaited
+        like live pushes. Pushes meanwhile are held by the connection."""
+        cap = self.max_replay
+        cursor, sent = last_id, 0
+        saving = self._rows_pending(user_id)
+        if saving:
+            # Pushed before this session existed and still being written:
+            # ``after(last_id)`` must see them.
+            await asyncio.gather(*saving)
+        while sent < cap and not conn.closed:
+            limit = min(MAX_PAGE, cap - sent)
+            try:
+                if last_id is not None:
+                    assert cursor is not None
+                    page = await self._store_op("after", self.store.after(user_id, cursor, limit))
+                else:
+                    page = await self._store_op(
+                        "undelivered", self.store.undelivered(user_id, after=cursor, limit=limit)
+                    )
+            except StoreError:
+                log.warning("replay.failed", user_id=user_id, sent=sent)
+                return
+            if not page:
+                break
+            inflight = self._in_flight(user_id)
+            settled = [(n.id, n.to_wire()) for n in page if n.id not in inflight]
+            written = self.delivery.replay(conn, settled)
+            for nid, framed in written:
+                if conn.receipts:
+                    self.receipts.expect(user_id, nid, framed, {conn.session_id})
+                else:
+                    self.note(user_id, nid)
+            sent += len(page)
+            cursor = page[-1].id
+            if len(page) < limit:
+                break
+        if sent:
+            log.info("replay.done", user_id=user_id, count=sent, resumed=last_id is not None)

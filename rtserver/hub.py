@@ -52,7 +52,7 @@ from rtserver.protocol import (
 from rtserver.sending import Sender
 from rtserver.sending import SendResult as SendResult  # where plugins found it before
 from rtserver.sessions import Connection, SessionRegistry
-from rtserver.stores.base import MAX_PAGE, Store, StoreError
+from rtserver.stores.base import Store, StoreError
 from rtserver.topics import PublishResult, Topics
 
 T = TypeVar("T")
@@ -123,6 +123,8 @@ class Hub:
             spawn=self.spawn,
             store_op=self._store_op,
             rows_pending=self.sending.rows_pending,
+            in_flight=self.sending.in_flight,
+            max_replay=config.limits.max_replay,
         )
         self.sending.delivered = self.delivered
         #: Topic subscriptions, publishing, presence and history.
@@ -402,7 +404,7 @@ class Hub:
 
         async def replay() -> None:
             try:
-                await self._replay(connection, user_id, last_id)
+                await self.delivered.replay(connection, user_id, last_id)
             finally:
                 connection.end_replay()
 
@@ -411,44 +413,6 @@ class Hub:
         else:
             self.spawn(replay())
         return unread
-
-    async def _replay(self, conn: Connection, user_id: str, last_id: str | None) -> None:
-        cap = self.config.limits.max_replay
-        cursor, sent = last_id, 0
-        saving = self.sending.rows_pending(user_id)
-        if saving:
-            # Pushed before this session existed and still being written:
-            # ``after(last_id)`` must see them.
-            await asyncio.gather(*saving)
-        while sent < cap and not conn.closed:
-            limit = min(MAX_PAGE, cap - sent)
-            try:
-                if last_id is not None:
-                    assert cursor is not None
-                    page = await self._store_op("after", self.store.after(user_id, cursor, limit))
-                else:
-                    page = await self._store_op(
-                        "undelivered", self.store.undelivered(user_id, after=cursor, limit=limit)
-                    )
-            except StoreError:
-                log.warning("replay.failed", user_id=user_id, sent=sent)
-                return
-            if not page:
-                break
-            inflight = self.sending.in_flight(user_id)
-            settled = [(n.id, n.to_wire()) for n in page if n.id not in inflight]
-            written = self.delivery.replay(conn, settled)
-            for nid, framed in written:
-                if conn.receipts:
-                    self.delivered.receipts.expect(user_id, nid, framed, {conn.session_id})
-                else:
-                    self.delivered.note(user_id, nid)
-            sent += len(page)
-            cursor = page[-1].id
-            if len(page) < limit:
-                break
-        if sent:
-            log.info("replay.done", user_id=user_id, count=sent, resumed=last_id is not None)
 
     def connection_gone(self, conn: Connection) -> None:
         """A connection closed: forget it (and the user's channel, if it was

@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from rtserver.broker import LocalBroker
 from rtserver.config import Config
+from rtserver.delivered import Delivered, StoreOp
 from rtserver.delivery import Delivery, notification_frame
 from rtserver.log import get_logger
 from rtserver.metrics import Metrics
@@ -41,9 +42,6 @@ from rtserver.protocol import (
 )
 from rtserver.sessions import Connection, SessionRegistry
 from rtserver.stores.base import Store, StoreError
-
-if TYPE_CHECKING:
-    from rtserver.delivered import Delivered
 
 log = get_logger("rtserver")
 
@@ -103,7 +101,7 @@ class Sender:
         metrics: Metrics,
         new_id: IdGenerator,
         spawn: Callable[[Coroutine[Any, Any, Any]], Any],
-        store_op: Callable[[str, Coroutine[Any, Any, Any]], Coroutine[Any, Any, Any]],
+        store_op: StoreOp,
     ) -> None:
         self.config = config
         self.store = store

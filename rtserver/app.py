@@ -147,7 +147,7 @@ def make_app(
             "rtserver_delivered", hub=hub, user_id=user_id, ids=ids, connection=connection
         )
 
-    hub.notification_filters = loaded.notification_filters(hub)
+    hub.sending.notification_filters = loaded.notification_filters(hub)
     hub.topics.authorizers = loaded.topic_authorizers(hub)
     if loaded.implemented("rtserver_delivered"):
         hub.delivered.delivered_listeners.append(delivered)

@@ -300,8 +300,8 @@ class RedisBroker(LocalBroker):
         self._nodes_key = f"{prefix}:nodes"
         self._metrics_key = f"{prefix}:metrics"
         self._gone_key = f"{prefix}:gone"
-        self._own_channel = self._node_channel(self.node_id)
-        self._own_key = self._node_key(self.node_id)
+        self._own_channel = self._name("n", self.node_id)
+        self._own_key = self._name("node", self.node_id)
         #: The subscribed connection, while there is one.
         self._sub: Connection | None = None
         self._pong = 0.0
@@ -388,23 +388,11 @@ class RedisBroker(LocalBroker):
 
     # -- channels and keys ------------------------------------------------
 
-    def _user_channel(self, user_id: str) -> str:
-        return f"{self.prefix}:u:{user_id}"
-
-    def _node_channel(self, node_id: str) -> str:
-        return f"{self.prefix}:n:{node_id}"
-
-    def _node_key(self, node_id: str) -> str:
-        return f"{self.prefix}:node:{node_id}"
-
-    def _user_key(self, user_id: str) -> str:
-        return f"{self.prefix}:user:{user_id}"
-
-    def _topic_channel(self, topic: str) -> str:
-        return f"{self.prefix}:t:{topic}"
-
-    def _topic_key(self, topic: str) -> str:
-        return f"{self.prefix}:topic:{topic}"
+    def _name(self, kind: str, name: str) -> str:
+        """``<prefix>:<kind>:<name>``. Channels: ``u`` (a user's pushes), ``n``
+        (a node's own), ``t`` (a topic's). Hashes: ``user``, ``node``, ``topic``
+        (their sessions)."""
+        return f"{self.prefix}:{kind}:{name}"
 
     # -- sending ----------------------------------------------------------
 
@@ -468,7 +456,7 @@ class RedisBroker(LocalBroker):
         head = _header(
             self.node_id, "u", notification_id or "", exclude or "", "w" if waiting else ""
         )
-        self._publish(self._user_channel(user_id), head + framed)
+        self._publish(self._name("u", user_id), head + framed)
 
     def publish_broadcast(self, framed: bytes) -> None:
         self._publish(f"{self.prefix}:b", _header(self.node_id, "b", "", "", "") + framed)
@@ -482,7 +470,7 @@ class RedisBroker(LocalBroker):
         settling, self._settling = self._settling, {}
         for (origin, user_id), ids in settling.items():
             self._publish(
-                self._node_channel(origin),
+                self._name("n", origin),
                 _header(self.node_id, "r", "", "", "") + msgspec.json.encode([user_id, ids]),
             )
 
@@ -504,40 +492,40 @@ class RedisBroker(LocalBroker):
         assert user_id is not None
         if user_id not in self._users:
             self._users.add(user_id)
-            self._subscribe("SUBSCRIBE", self._user_channel(user_id))
+            self._subscribe("SUBSCRIBE", self._name("u", user_id))
         self._write_session(conn)
 
     def _write_session(self, conn: Session) -> None:
         assert conn.user_id is not None
         info = msgspec.json.encode(session_info(conn, self.node_id, live=False))
         self._write("HSET", self._own_key, conn.session_id, info)
-        self._write("HSET", self._user_key(conn.user_id), conn.session_id, info)
+        self._write("HSET", self._name("user", conn.user_id), conn.session_id, info)
 
     def session_removed(self, conn: Session) -> None:
         user_id = conn.user_id
         assert user_id is not None and self.node is not None
         self._write("HDEL", self._own_key, conn.session_id)
-        self._write("HDEL", self._user_key(user_id), conn.session_id)
+        self._write("HDEL", self._name("user", user_id), conn.session_id)
         if user_id in self._users and not self.node.sessions.view_of_user(user_id):
             self._users.discard(user_id)
-            self._subscribe("UNSUBSCRIBE", self._user_channel(user_id))
+            self._subscribe("UNSUBSCRIBE", self._name("u", user_id))
 
     def topic_joined(self, conn: Session, topic: str, *, first: bool) -> None:
         if first:
             self._topics.add(topic)
-            self._subscribe("SUBSCRIBE", self._topic_channel(topic))
+            self._subscribe("SUBSCRIBE", self._name("t", topic))
         self._write_member(conn, topic)
         self._write_session(conn)  # its topics, for the cleanup after a crash
 
     def _write_member(self, conn: Session, topic: str) -> None:
         member = msgspec.json.encode({"user_id": conn.user_id, "node_id": self.node_id})
-        self._write("HSET", self._topic_key(topic), conn.session_id, member)
+        self._write("HSET", self._name("topic", topic), conn.session_id, member)
 
     def topic_left(self, conn: Session, topic: str, *, last: bool) -> None:
         if last:
             self._topics.discard(topic)
-            self._subscribe("UNSUBSCRIBE", self._topic_channel(topic))
-        self._write("HDEL", self._topic_key(topic), conn.session_id)
+            self._subscribe("UNSUBSCRIBE", self._name("t", topic))
+        self._write("HDEL", self._name("topic", topic), conn.session_id)
         assert self.node is not None
         if self.node.sessions.get(conn.session_id) is conn:  # not closing
             self._write_session(conn)
@@ -546,12 +534,12 @@ class RedisBroker(LocalBroker):
         self, topic: str, framed: bytes, publication_id: str | None, *, presence: bool = False
     ) -> None:
         head = _header(self.node_id, "t", publication_id or "", "", "p" if presence else "")
-        self._publish(self._topic_channel(topic), head + framed)
+        self._publish(self._name("t", topic), head + framed)
 
     async def topic_members(self, topic: str) -> tuple[list[tuple[str, str]], bool]:
         try:
             live = set(await self._live()) - {self.node_id}
-            held = await self._redis.execute("HGETALL", self._topic_key(topic))
+            held = await self._redis.execute("HGETALL", self._name("topic", topic))
         except (RedisUnavailable, RedisError) as err:
             log.warning("broker.command_failed", error=str(err))
             return [], True
@@ -583,9 +571,9 @@ class RedisBroker(LocalBroker):
                 if registry.get(sid.decode()) is None:
                     info = msgspec.json.decode(raw)
                     self._write("HDEL", self._own_key, sid)
-                    self._write("HDEL", self._user_key(info["user_id"]), sid)
+                    self._write("HDEL", self._name("user", info["user_id"]), sid)
                     for topic in info.get("topics", ()):
-                        self._write("HDEL", self._topic_key(topic), sid)
+                        self._write("HDEL", self._name("topic", topic), sid)
             if cursor == 0:
                 break
         conns = registry.registered()
@@ -603,7 +591,7 @@ class RedisBroker(LocalBroker):
         stops if the node comes back (it then writes its own again)."""
         self._forgetting.add(node_id)
         try:
-            await self._forget(node_id, self._node_key(node_id))
+            await self._forget(node_id, self._name("node", node_id))
         finally:
             self._forgetting.discard(node_id)
 
@@ -616,11 +604,11 @@ class RedisBroker(LocalBroker):
             hashes, fields = [], []
             for sid, raw in entries.items():
                 info = msgspec.json.decode(raw)
-                for held_in in (key, self._user_key(info["user_id"])):
+                for held_in in (key, self._name("user", info["user_id"])):
                     hashes.append(held_in)
                     fields.append(sid)
                 for topic in info.get("topics", ()):
-                    hashes.append(self._topic_key(topic))
+                    hashes.append(self._name("topic", topic))
                     fields.append(sid)
             keys = [self._nodes_key, self._gone_key, *hashes]
             if not await self._eval(FORGET, keys, [node_id, *fields]):
@@ -651,7 +639,7 @@ class RedisBroker(LocalBroker):
         self._requests[request] = answer
         message = _header(self.node_id, "q", request, session_id, op) + body
         try:
-            if not await self._redis.execute("PUBLISH", self._node_channel(node_id), message):
+            if not await self._redis.execute("PUBLISH", self._name("n", node_id), message):
                 # Nobody listens there: a dead node's sessions are gone; a
                 # live one's listener is reconnecting.
                 if node_id in await self._live():
@@ -673,7 +661,7 @@ class RedisBroker(LocalBroker):
         else:
             done = self.node.disconnect_session(session_id, body.decode())
         self._publish(
-            self._node_channel(origin),
+            self._name("n", origin),
             _header(self.node_id, "a", request.decode(), "1" if done else "", ""),
         )
 
@@ -697,8 +685,8 @@ class RedisBroker(LocalBroker):
             try:
                 sub = await self._redis.subscriber(self._pushed)
                 channels = [f"{self.prefix}:b", self._own_channel]
-                channels += [self._user_channel(u) for u in self._users]
-                channels += [self._topic_channel(t) for t in self._topics]
+                channels += [self._name("u", u) for u in self._users]
+                channels += [self._name("t", t) for t in self._topics]
                 self._ponged.clear()
                 sub.write(("SUBSCRIBE", *channels), ("PING",))
                 # The pong comes after every subscription is confirmed.
@@ -741,14 +729,14 @@ class RedisBroker(LocalBroker):
         if origin == self._origin or node is None:
             return
         if kind == b"u":
-            user_id = channel[len(self._user_channel("")) :].decode()
+            user_id = channel[len(self._name("u", "")) :].decode()
             node.from_cluster(
                 user_id, body, a.decode() or None, b.decode() or None, origin.decode(), c == b"w"
             )
         elif kind == b"b":
             node.broadcast_from_cluster(body)
         elif kind == b"t":
-            topic = channel[len(self._topic_channel("")) :].decode()
+            topic = channel[len(self._name("t", "")) :].decode()
             node.topic_from_cluster(topic, a.decode() or None, body, presence=c == b"p")
         elif kind == b"q":
             self._answer(origin.decode(), a, b.decode(), c, body)
@@ -820,7 +808,7 @@ class RedisBroker(LocalBroker):
             mine = self._mine(self.node.sessions.of_user(user_id))
             try:
                 live = set(await self._live()) - {self.node_id}
-                held = await self._redis.execute("HVALS", self._user_key(user_id))
+                held = await self._redis.execute("HVALS", self._name("user", user_id))
             except (RedisUnavailable, RedisError) as err:
                 log.warning("broker.command_failed", error=str(err))
                 return {"sessions": mine, "next": None, "partial": True}
@@ -842,7 +830,7 @@ class RedisBroker(LocalBroker):
                     return {"sessions": out, "next": f"{other}:{scan}", "partial": False}
                 while True:
                     scan, entries = await self._hscan(
-                        self._node_key(other), scan, count=limit - len(out)
+                        self._name("node", other), scan, count=limit - len(out)
                     )
                     out += [msgspec.json.decode(raw) for raw in entries.values()]
                     if scan == 0 or len(out) >= limit:

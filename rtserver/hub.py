@@ -293,35 +293,6 @@ class Hub:
         kept that one out (see ``Sender.send_notifications``)."""
         return await self.sending.send_notifications(items, ids=ids)
 
-    def make_notification(
-        self,
-        user_id: str | None,
-        payload: Any,
-        *,
-        broadcast: bool = False,
-        notification_id: str | None = None,
-        created_at: float | None = None,
-    ) -> Notification:
-        """A notification, through the ``rtserver_notification`` hooks and the
-        limits (raises ``ProtocolError``)."""
-        return self.sending.make_notification(
-            user_id,
-            payload,
-            broadcast=broadcast,
-            notification_id=notification_id,
-            created_at=created_at,
-        )
-
-    @property
-    def notification_filters(self) -> Sequence[Callable[[str | None, dict[str, Any]], Any]]:
-        return self.sending.notification_filters
-
-    @notification_filters.setter
-    def notification_filters(
-        self, filters: Sequence[Callable[[str | None, dict[str, Any]], Any]]
-    ) -> None:
-        self.sending.notification_filters = filters
-
     async def send_direct_message(self, session_id: str, payload: dict[str, Any]) -> int:
         """Push ``payload`` as a ``message`` event to one session (not stored),
         on whichever node holds it.
@@ -353,7 +324,7 @@ class Hub:
         Broadcasts are live only: they are not stored per user. Returns how
         many sessions were reached.
         """
-        notification = self.make_notification(
+        notification = self.sending.make_notification(
             None, payload, broadcast=True, notification_id=notification_id
         )
         n = self.delivery.broadcast_framed(notification_frame(notification))
@@ -571,7 +542,7 @@ class Hub:
     async def save_notification(self, user_id: str, payload: dict[str, Any]) -> Notification:
         """Store a notification without pushing it; it reaches the user's
         next session through offline delivery."""
-        notification = self.make_notification(user_id, payload)
+        notification = self.sending.make_notification(user_id, payload)
         await self._store_op("insert", self.store.insert(notification))
         self.metrics.notifications.inc()
         return notification

@@ -516,15 +516,21 @@ class SQLiteStore(Store):
                 "DELETE FROM notifications WHERE id IN"
                 f" (SELECT id FROM notifications WHERE {where} LIMIT {_PURGE_CHUNK})"
             )
-            while True:
-                count = await self._run(partial(_delete, sql, params))
-                removed += count
-                if count < _PURGE_CHUNK:
-                    break
+            removed += await self._delete_in_chunks(sql, params)
         await self._run(lambda db: purge_keys(db, now))
-        while await self._run(partial(_delete, _EXPIRED_PUBLICATIONS, (now,))) == _PURGE_CHUNK:
-            pass
+        await self._delete_in_chunks(_EXPIRED_PUBLICATIONS, (now,))
         return removed
+
+    async def _delete_in_chunks(self, sql: str, params: tuple[Any, ...]) -> int:
+        """Run a DELETE of at most ``_PURGE_CHUNK`` rows until it deletes
+        fewer: each statement is its own call to the store's thread, so writes
+        queued meanwhile go in between. Returns the rows deleted."""
+        removed = 0
+        while True:
+            count = await self._run(partial(_delete, sql, params))
+            removed += count
+            if count < _PURGE_CHUNK:
+                return removed
 
     async def delete_notifications(
         self, user_id: str, ids: Sequence[str] | None
@@ -537,11 +543,7 @@ class SQLiteStore(Store):
                 "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications"
                 f" WHERE user_id = ? LIMIT {_PURGE_CHUNK})"
             )
-            while True:
-                count = await self._run(partial(_delete, sql, (user_id,)))
-                deleted += count
-                if count < _PURGE_CHUNK:
-                    break
+            deleted = await self._delete_in_chunks(sql, (user_id,))
         else:
             for start in range(0, len(ids), _CHUNK):
                 chunk = tuple(ids[start : start + _CHUNK])
